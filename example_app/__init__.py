@@ -1,0 +1,128 @@
+"""The flask-eventstream example: a live chat on channel ``lobby``, a clock,
+and channel subscriptions with resume.
+
+Run it with ``python -m example_app`` (gevent, in-memory broker) or
+``gunicorn -k gevent 'example_app:create_app()'``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hmac
+import os
+import typing as t
+
+from flask import Flask
+from flask import abort
+from flask import g
+from flask import jsonify
+from flask import render_template
+from flask import request
+
+from flask_eventstream import Event
+from flask_eventstream import EventStream
+from flask_eventstream import PublishError
+from flask_eventstream import eventstream
+
+__all__ = ["create_app", "stream"]
+
+stream = EventStream()
+
+_ENV_KEYS = {
+    "EVENTSTREAM_REDIS_URL": str,
+    "EVENTSTREAM_HEARTBEAT": float,
+    "EVENTSTREAM_RETRY": int,
+    "EVENTSTREAM_HISTORY": int,
+    "EVENTSTREAM_QUEUE_SIZE": int,
+    "EVENTSTREAM_MAX_CONNECTIONS": int,
+    "EVENTSTREAM_MAX_EVENT_SIZE": int,
+    "EVENTSTREAM_SEND_TIMEOUT": float,
+    "EVENTSTREAM_MAX_LIFETIME": float,
+    "EXAMPLE_PRIVATE_TOKEN": str,
+    "EXAMPLE_CLOCK_INTERVAL": float,
+}
+
+
+def _config_from_env() -> dict[str, t.Any]:
+    config: dict[str, t.Any] = {}
+    for key, kind in _ENV_KEYS.items():
+        value = os.environ.get(key)
+        if value is None or value == "":
+            continue
+        try:
+            config[key] = kind(value)
+        except ValueError:
+            raise ValueError(f"Environment variable {key}={value!r} is not a {kind.__name__}") from None
+    return config
+
+
+def _token_ok(expected: str | None) -> bool:
+    if not expected:
+        return False
+    given = request.args.get("token", "")
+    auth = request.headers.get("Authorization", "")
+    if auth.startswith("Bearer "):
+        given = auth[len("Bearer ") :]
+    return hmac.compare_digest(given.encode(), expected.encode())
+
+
+def _error(status: int, message: str) -> t.Any:
+    return jsonify(error=message), status
+
+
+def create_app(config: t.Mapping[str, t.Any] | None = None) -> Flask:
+    """Build the example app. Configuration comes from ``EVENTSTREAM_*`` and
+    ``EXAMPLE_*`` environment variables; ``config`` wins over them."""
+    app = Flask(__name__)
+    app.config.update(EXAMPLE_PRIVATE_TOKEN=None, EXAMPLE_CLOCK_INTERVAL=2.0)
+    app.config.update(_config_from_env())
+    if config:
+        app.config.update(config)
+    stream.init_app(app)
+    interval = float(app.config["EXAMPLE_CLOCK_INTERVAL"])
+
+    @app.get("/")
+    def index() -> str:
+        return render_template("index.html")
+
+    @app.get("/stream/<channel>")
+    @eventstream
+    def subscribe(channel: str) -> t.Any:
+        if channel.startswith("private-") and not _token_ok(
+            app.config["EXAMPLE_PRIVATE_TOKEN"]
+        ):
+            abort(403)
+        try:
+            return stream.subscribe(channel)
+        except ValueError:
+            abort(400)
+
+    @app.post("/publish/<channel>")
+    def publish(channel: str) -> t.Any:
+        body = request.get_json(silent=True)
+        if not isinstance(body, dict) or "data" not in body:
+            return _error(400, 'Expected a JSON object {"data": ..., "event": "name"}.')
+        event = body.get("event")
+        if event is not None and not isinstance(event, str):
+            return _error(400, "'event' must be a string.")
+        try:
+            sent = stream.publish(channel, body["data"], event=event)
+        except (ValueError, TypeError) as e:
+            return _error(400, str(e))
+        except PublishError as e:
+            return _error(503, str(e))
+        return jsonify(channel=channel, id=sent.id), 202
+
+    @app.get("/clock")
+    @eventstream(interval=interval)
+    def clock() -> Event:
+        # g lives as long as the stream: each client counts from 1.
+        g.clock_n = g.get("clock_n", 0) + 1
+        now = datetime.datetime.now(datetime.timezone.utc)
+        return Event(data={"n": g.clock_n, "time": now.isoformat()}, event="message")
+
+    @app.get("/healthz")
+    def healthz() -> t.Any:
+        return jsonify(stream.stats())
+
+    return app

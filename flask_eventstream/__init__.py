@@ -1,0 +1,17 @@
+"""Server-Sent Events for Flask on gevent."""
+
+from __future__ import annotations
+
+from .exceptions import EventStreamError
+from .exceptions import PublishError
+from .extension import EventStream
+from .sse import Event
+from .views import eventstream
+
+__all__ = [
+    "Event",
+    "EventStream",
+    "EventStreamError",
+    "PublishError",
+    "eventstream",
+]

@@ -1,0 +1,231 @@
+"""Everything that touches gevent: waking, sleeping, killing, and noticing
+clients that went away. The rest of the package calls these functions and
+never imports gevent itself.
+
+Code running in a gevent greenlet (any gevent server, monkey-patched or not)
+gets gevent primitives; code running in a plain thread (Werkzeug's threaded
+development server, a script) gets :mod:`threading` ones.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import socket
+import ssl
+import threading
+import time
+import typing as t
+import weakref
+
+import gevent
+import gevent.event
+import greenlet
+
+from .broker import Waker
+
+__all__ = [
+    "call_later",
+    "current_task",
+    "in_gevent",
+    "install_term_handler",
+    "kill",
+    "make_waker",
+    "sleep",
+    "watch_disconnect",
+    "Watchdog",
+]
+
+log = logging.getLogger(__name__)
+
+_GreenletExit = gevent.GreenletExit
+
+
+def in_gevent() -> bool:
+    """Whether the caller runs in a greenlet under a gevent hub."""
+    return greenlet.getcurrent().parent is not None
+
+
+def make_waker() -> Waker:
+    if in_gevent():
+        return t.cast(Waker, gevent.event.Event())
+    return threading.Event()
+
+
+def sleep(seconds: float) -> None:
+    if in_gevent():
+        gevent.sleep(seconds)
+    else:
+        time.sleep(seconds)
+
+
+def current_task() -> t.Any:
+    """The greenlet serving this request, or ``None`` in a plain thread."""
+    return greenlet.getcurrent() if in_gevent() else None
+
+
+def kill(task: t.Any) -> None:
+    """Raise ``GreenletExit`` in ``task`` at its next switch; never blocks."""
+    if task is not None and not task.dead:
+        gevent.kill(task, block=False)
+
+
+class _Cancel(t.Protocol):
+    def __call__(self) -> None: ...
+
+
+def call_later(seconds: float, func: t.Callable[[], None]) -> _Cancel:
+    """Run ``func`` in the hub after ``seconds``; return a cancel function.
+    ``func`` must not block."""
+    timer = gevent.get_hub().loop.timer(seconds)
+    timer.start(func)
+
+    def cancel() -> None:
+        timer.stop()
+        timer.close()
+
+    return cancel
+
+
+#: Non-standard environ keys under which servers expose the client socket.
+SOCKET_KEYS = ("eventstream.socket", "gunicorn.socket", "gunicorn.sock")
+
+_READ = 1
+_PEEK_FLAGS = socket.MSG_PEEK | getattr(socket, "MSG_DONTWAIT", 0)
+
+
+def find_socket(environ: t.Mapping[str, t.Any]) -> t.Any:
+    for key in SOCKET_KEYS:
+        sock = environ.get(key)
+        if sock is not None:
+            return sock
+    return None
+
+
+def watch_disconnect(
+    environ: t.Mapping[str, t.Any], on_eof: t.Callable[[], None]
+) -> _Cancel | None:
+    """Call ``on_eof`` (in the hub, promptly) when the client closes its end.
+
+    Uses a libev read watcher on the client socket and a non-blocking
+    ``MSG_PEEK`` when it fires: no greenlet per connection, and no byte is
+    taken from the server's parser. Returns a function that stops watching,
+    or ``None`` when the connection cannot be watched (no socket in the
+    environ, TLS, HTTP/2, not under gevent); the heartbeat then detects the
+    disconnect on its next write.
+    """
+    if not in_gevent():
+        return None
+    if str(environ.get("HTTP_VERSION", "")).startswith("2"):
+        return None
+    sock = find_socket(environ)
+    if sock is None or isinstance(sock, ssl.SSLSocket) or hasattr(sock, "getpeercert"):
+        return None
+    raw = getattr(sock, "_sock", sock)
+    try:
+        fileno = sock.fileno()
+    except OSError:
+        return None
+    if fileno < 0:
+        return None
+    watcher = gevent.get_hub().loop.io(fileno, _READ)
+    stopped = False
+
+    def stop() -> None:
+        nonlocal stopped
+        if not stopped:
+            stopped = True
+            watcher.stop()
+            watcher.close()
+
+    def readable() -> None:
+        try:
+            data = raw.recv(1, _PEEK_FLAGS)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        stop()
+        if not data:
+            on_eof()
+        # Readable data that is not EOF (a pipelined request): stop watching
+        # rather than spin; the heartbeat remains.
+
+    watcher.start(readable)
+    return stop
+
+
+class _Watched(t.Protocol):
+    #: monotonic time a write started, or None when not writing.
+    writing_since: float | None
+    send_timeout: float
+
+    def on_send_timeout(self) -> None: ...
+
+
+class Watchdog:
+    """One greenlet per process that drops streams whose write has blocked
+    longer than their send timeout (a frozen or half-open client keeps
+    ``sendall`` parked until TCP gives up, which can take many minutes)."""
+
+    def __init__(self, tick: float = 0.5) -> None:
+        self._tick = tick
+        self._streams: weakref.WeakSet[_Watched] = weakref.WeakSet()
+        self._runner: t.Any = None
+
+    def add(self, stream: _Watched) -> None:
+        self._streams.add(stream)
+        if self._runner is None or self._runner.dead:
+            self._runner = gevent.spawn(self._run)
+
+    def discard(self, stream: _Watched) -> None:
+        self._streams.discard(stream)
+
+    def _run(self) -> None:
+        while self._streams:
+            gevent.sleep(self._tick)
+            now = time.monotonic()
+            for stream in list(self._streams):
+                since = stream.writing_since
+                if since is not None and now - since > stream.send_timeout:
+                    self._streams.discard(stream)
+                    stream.on_send_timeout()
+
+
+_term_callbacks: list[t.Callable[[], None]] = []
+_term_installed = False
+
+
+def install_term_handler(callback: t.Callable[[], None]) -> bool:
+    """Run ``callback`` (in the hub) when the process gets SIGTERM, before the
+    Python handler that was there (gunicorn's graceful shutdown).
+
+    Only possible from the main thread, and only when a Python handler is
+    installed; returns whether it is.
+    """
+    global _term_installed
+    if callback not in _term_callbacks:
+        _term_callbacks.append(callback)
+    if _term_installed:
+        return True
+    if threading.current_thread() is not threading.main_thread():
+        return False
+    previous = signal.getsignal(signal.SIGTERM)
+    if not callable(previous):
+        # Nobody handles SIGTERM gracefully here: the process dies at once
+        # and ending streams first would gain nothing.
+        return False
+
+    def on_term(signum: int, frame: t.Any) -> None:
+        loop = gevent.get_hub().loop
+        for cb in list(_term_callbacks):
+            loop.run_callback(cb)
+        previous(signum, frame)
+
+    try:
+        signal.signal(signal.SIGTERM, on_term)
+    except ValueError:
+        return False
+    _term_installed = True
+    log.debug("SIGTERM ends event streams before %r", previous)
+    return True

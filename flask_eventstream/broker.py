@@ -1,0 +1,344 @@
+"""Channels, subscriptions and local fan-out, independent of Flask and gevent.
+
+A :class:`Broker` belongs to one application on one process. Its backend (in
+memory, or Redis) assigns ids, keeps history and brings events in; the broker
+hands each event's bytes, encoded once, to every local subscriber through a
+blinker signal whose sender is the channel name. Receivers only append to a
+bounded queue and wake the subscriber: nothing on the publishing side blocks.
+"""
+
+from __future__ import annotations
+
+import collections
+import re
+import threading
+import typing as t
+
+from blinker import Signal
+
+from .sse import Event
+from .sse import encode
+
+__all__ = [
+    "Broker",
+    "Frame",
+    "Subscription",
+    "Waker",
+    "format_id",
+    "parse_id",
+    "validate_channel",
+]
+
+_CHANNEL = re.compile(r"[A-Za-z0-9_\-.:]{1,128}")
+
+#: An event id as a sortable key: (milliseconds, sequence).
+Key = tuple[int, int]
+
+_ID = re.compile(r"([0-9]{1,15})-([0-9]{1,19})")
+
+
+def validate_channel(channel: object) -> str:
+    """Return ``channel`` if it is a valid channel name, else raise.
+
+    :raises ValueError: unless it is 1 to 128 characters of ``A-Z a-z 0-9 _ - . :``.
+    """
+    if not isinstance(channel, str):
+        raise TypeError(f"channel must be a str, not {type(channel).__name__}")
+    if _CHANNEL.fullmatch(channel) is None:
+        raise ValueError(
+            f"Invalid channel name {channel[:140]!r}: use 1 to 128 characters"
+            " of A-Z a-z 0-9 _ - . :"
+        )
+    return channel
+
+
+def format_id(key: Key) -> str:
+    """Render a key as the id sent to clients: ``<milliseconds>-<sequence>``."""
+    return f"{key[0]}-{key[1]}"
+
+
+def parse_id(value: str | None) -> Key | None:
+    """Parse an id sent back by a client; ``None`` when it is absent,
+    malformed or oversized (all of which are treated alike)."""
+    if not value or len(value) > 40:
+        return None
+    match = _ID.fullmatch(value.strip())
+    if match is None:
+        return None
+    return int(match.group(1)), int(match.group(2))
+
+
+class Frame:
+    """Encoded bytes ready to be written, with the key of the newest event
+    they contain (``None`` for heartbeats and events without a channel id)."""
+
+    __slots__ = ("data", "key")
+
+    def __init__(self, data: bytes, key: Key | None = None) -> None:
+        self.data = data
+        self.key = key
+
+    def __repr__(self) -> str:
+        return f"Frame({self.data!r}, key={self.key!r})"
+
+
+class Waker(t.Protocol):
+    """What a subscriber sleeps on: ``threading.Event`` or ``gevent.event.Event``."""
+
+    def set(self) -> None: ...
+    def clear(self) -> None: ...
+    def is_set(self) -> bool: ...
+    def wait(self, timeout: float | None = None) -> bool: ...
+
+
+class Backend(t.Protocol):
+    """What a broker needs from the engine behind it."""
+
+    def publish(self, channel: str, event: Event) -> Event:
+        """Assign the id, store history, deliver; return the event with its id."""
+        ...
+
+    def attach(self, sub: Subscription, last: Key | None) -> None:
+        """Register ``sub`` for live events and queue what it missed after
+        ``last`` (with a reset marker if that cannot be done exactly)."""
+        ...
+
+    def detach(self, sub: Subscription) -> None: ...
+
+    def close(self) -> None: ...
+
+
+#: A callable that drives iteration of a subscription; views install one that
+#: adds heartbeats, lifetime and disconnect handling.
+Follower = t.Callable[["Subscription"], t.Iterator[Frame | None]]
+
+
+class Subscription:
+    """A live subscription to one or more channels.
+
+    Created by :meth:`flask_eventstream.EventStream.subscribe`; registered at
+    once, so events published after that call are queued even before the
+    subscription is iterated. Iterating it yields :class:`Frame` objects.
+    """
+
+    __slots__ = (
+        "__weakref__",
+        "broker",
+        "channels",
+        "floor",
+        "overflowed",
+        "closed",
+        "_queue",
+        "_limit",
+        "_waker",
+        "_follow",
+    )
+
+    def __init__(
+        self,
+        broker: Broker,
+        channels: tuple[str, ...],
+        waker: Waker,
+        limit: int,
+        follow: Follower | None = None,
+    ) -> None:
+        self.broker = broker
+        self.channels = channels
+        #: Live frames with a key at or below this were already replayed.
+        self.floor: Key | None = None
+        self.overflowed = False
+        self.closed = False
+        self._queue: collections.deque[Frame] = collections.deque()
+        self._limit = limit
+        self._waker = waker
+        self._follow = follow
+
+    # -- publishing side: called from any greenlet or thread, never blocks --
+
+    def deliver(self, sender: str, frame: Frame) -> None:
+        """Blinker receiver: queue ``frame`` and wake the subscriber."""
+        floor = self.floor
+        if floor is not None and frame.key is not None and frame.key <= floor:
+            return
+        queue = self._queue
+        if len(queue) >= self._limit:
+            if not self.overflowed:
+                self.overflowed = True
+                queue.clear()
+                self._waker.set()
+            return
+        queue.append(frame)
+        self._waker.set()
+
+    def replay(self, frames: list[Frame]) -> None:
+        """Queue missed frames ahead of any live ones, as one chunk."""
+        if not frames:
+            return
+        key = frames[-1].key
+        if key is not None:
+            self.floor = key
+            live = [f for f in self._queue if f.key is None or f.key > key]
+            self._queue.clear()
+            self._queue.extend(live)
+        self._queue.appendleft(Frame(b"".join(f.data for f in frames), key))
+        self._waker.set()
+
+    # -- subscriber side --
+
+    def drain(self) -> Frame | None:
+        """Take everything queued as one frame, or ``None`` if empty."""
+        queue = self._queue
+        n = len(queue)
+        if n == 0:
+            return None
+        if n == 1:
+            return queue.popleft()
+        popleft = queue.popleft
+        frames = [popleft() for _ in range(n)]
+        return Frame(b"".join([f.data for f in frames]), frames[-1].key)
+
+    @property
+    def waker(self) -> Waker:
+        return self._waker
+
+    def close(self) -> None:
+        """Unregister; idempotent. Queued frames are released."""
+        if self.closed:
+            return
+        self.closed = True
+        self._queue.clear()
+        self.broker.detach(self)
+        self._waker.set()
+
+    def __iter__(self) -> t.Iterator[Frame | None]:
+        if self._follow is not None:
+            return self._follow(self)
+        return self._standalone()
+
+    def _standalone(self) -> t.Iterator[Frame]:
+        try:
+            while not self.closed:
+                self._waker.clear()
+                frame = self.drain()
+                if frame is not None:
+                    yield frame
+                elif self.overflowed:
+                    return
+                else:
+                    self._waker.wait(None)
+        finally:
+            self.close()
+
+    def __repr__(self) -> str:
+        return f"<Subscription {self.channels!r}>"
+
+
+class Broker:
+    """Local fan-out for one application on one process.
+
+    :param backend_factory: builds the backend, given this broker.
+    :param queue_size: frames buffered per subscriber before it is cut off.
+    :param max_event_size: largest encoded event in bytes.
+    :param on_delivered: called as ``on_delivered(channel, event)`` once per
+        event delivered to this process (for the public signal).
+    """
+
+    def __init__(
+        self,
+        backend_factory: t.Callable[[Broker], Backend],
+        *,
+        queue_size: int = 1000,
+        max_event_size: int = 1 << 20,
+        on_delivered: t.Callable[[str, Event], None] | None = None,
+    ) -> None:
+        self._signal = Signal("eventstream.deliver")
+        self._lock = threading.Lock()
+        self._counts: dict[str, int] = {}
+        self.queue_size = queue_size
+        self.max_event_size = max_event_size
+        self.on_delivered = on_delivered
+        self.backend = backend_factory(self)
+
+    # -- called by backends --
+
+    def encode(self, event: Event, key: Key | None) -> Frame:
+        """Encode ``event`` once and check its size.
+
+        :raises ValueError: if it exceeds the configured maximum.
+        """
+        data = encode(event)
+        if len(data) > self.max_event_size:
+            raise ValueError(
+                f"Encoded event is {len(data)} bytes, more than"
+                f" EVENTSTREAM_MAX_EVENT_SIZE ({self.max_event_size})."
+            )
+        return Frame(data, key)
+
+    def fanout(self, channel: str, frame: Frame, event: Event) -> None:
+        """Hand ``frame`` to every local subscriber of ``channel``."""
+        if channel in self._counts:
+            self._signal.send(channel, frame=frame)
+        if self.on_delivered is not None:
+            self.on_delivered(channel, event)
+
+    def connect(self, sub: Subscription) -> None:
+        """Register ``sub`` for live frames (backends call this in attach)."""
+        with self._lock:
+            for channel in sub.channels:
+                self._signal.connect(sub.deliver, sender=channel, weak=False)
+                self._counts[channel] = self._counts.get(channel, 0) + 1
+
+    def disconnect(self, sub: Subscription) -> None:
+        with self._lock:
+            for channel in sub.channels:
+                self._signal.disconnect(sub.deliver, sender=channel)
+                left = self._counts.get(channel, 0) - 1
+                if left > 0:
+                    self._counts[channel] = left
+                else:
+                    self._counts.pop(channel, None)
+
+    # -- the API --
+
+    def publish(self, channel: str, event: Event) -> Event:
+        validate_channel(channel)
+        return self.backend.publish(channel, event)
+
+    def subscribe(
+        self,
+        channels: tuple[str, ...],
+        last_id: str | None,
+        waker: Waker,
+        follow: Follower | None = None,
+    ) -> Subscription:
+        if not channels:
+            raise TypeError("subscribe() needs at least one channel")
+        for channel in channels:
+            validate_channel(channel)
+        channels = tuple(dict.fromkeys(channels))
+        sub = Subscription(self, channels, waker, self.queue_size, follow)
+        self.backend.attach(sub, parse_id(last_id))
+        return sub
+
+    def detach(self, sub: Subscription) -> None:
+        self.backend.detach(sub)
+
+    def channels(self) -> dict[str, int]:
+        """``{channel: local subscriber count}``."""
+        with self._lock:
+            return dict(self._counts)
+
+    def close(self) -> None:
+        self.backend.close()
+
+
+def reset_frame(reason: str, last_id: str, newest: Key | None) -> Frame:
+    """The ``eventstream-reset`` event: the client's position could not be
+    resumed exactly. Its id is the newest id known, so that the client does
+    not keep sending a stale one."""
+    event = Event(
+        data={"reason": reason, "last_event_id": last_id},
+        event="eventstream-reset",
+        id=format_id(newest) if newest is not None else None,
+    )
+    return Frame(encode(event), newest)

@@ -1,0 +1,21 @@
+"""Exceptions raised by flask-eventstream."""
+
+from __future__ import annotations
+
+__all__ = ["EventStreamError", "PublishError"]
+
+
+class EventStreamError(Exception):
+    """Base class of the errors this library raises itself.
+
+    .. versionadded:: 0.1
+    """
+
+
+class PublishError(EventStreamError):
+    """An event could not be handed to the broker, for example because Redis
+    stayed unreachable through the bounded retry. The event was not published;
+    nothing was dropped silently.
+
+    .. versionadded:: 0.1
+    """

@@ -1,0 +1,55 @@
+"""Helpers for testing your own streams with pytest and Flask's test client.
+
+.. code-block:: python
+
+    def test_chat(app, client):
+        response = client.get("/stream/lobby", buffered=False)
+        stream.publish("lobby", "hi")
+        [event] = read_events(response, 1)
+        assert event.data == "hi"
+"""
+
+from __future__ import annotations
+
+import time
+import typing as t
+
+from .sse import EventParser
+from .sse import ReceivedEvent
+from .sse import parse
+from .views import ENVIRON_KEY
+
+__all__ = ["EventParser", "ReceivedEvent", "parse", "read_events"]
+
+
+def read_events(response: t.Any, count: int, timeout: float = 5.0) -> list[ReceivedEvent]:
+    """Read ``count`` events from a streaming test-client response (made with
+    ``buffered=False``), then close it.
+
+    The stream is told to end after ``timeout`` seconds, so a view that waits
+    on a subscription or :meth:`EventStream.sleep` cannot hang the test.
+
+    :raises TimeoutError: if fewer than ``count`` events arrived in time; the
+        message lists those that did.
+    """
+    request = getattr(response, "request", None)
+    conn = request.environ.get(ENVIRON_KEY) if request is not None else None
+    if conn is not None:
+        conn.set_deadline(time.monotonic() + timeout)
+    deadline = time.monotonic() + timeout
+    parser = EventParser()
+    events: list[ReceivedEvent] = []
+    try:
+        for chunk in response.response:
+            if isinstance(chunk, str):
+                chunk = chunk.encode("utf-8")
+            events.extend(parser.feed(chunk))
+            if len(events) >= count or time.monotonic() > deadline:
+                break
+    finally:
+        response.close()
+    if len(events) < count:
+        raise TimeoutError(
+            f"Expected {count} events within {timeout}s, got {len(events)}: {events!r}"
+        )
+    return events[:count]

@@ -1,0 +1,463 @@
+"""The ``@eventstream`` decorator and the life of one stream.
+
+A stream's resources (subscriptions, disconnect watcher, watchdog entry,
+connection slot) are released in exactly one place, :meth:`Connection.release`,
+which runs from the body generator's ``finally`` and, for a response that was
+never iterated, from Werkzeug's ``call_on_close``.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import functools
+import inspect
+import itertools
+import logging
+import random
+import time
+import typing as t
+from collections.abc import Iterable
+from collections.abc import Iterator
+
+from flask import Response
+from flask import abort
+from flask import current_app
+from flask import request
+from flask import stream_with_context
+
+from . import _gevent
+from .broker import Frame
+from .broker import Subscription
+from .sse import HEARTBEAT
+from .sse import Event
+from .sse import encode_retry
+
+if t.TYPE_CHECKING:
+    from .extension import _State
+
+__all__ = ["eventstream"]
+
+log = logging.getLogger(__name__)
+
+P = t.ParamSpec("P")
+
+_END = object()
+_HEARTBEAT = Frame(HEARTBEAT)
+#: Seconds a stream that was told to end may take before its greenlet is
+#: killed (it may be stuck in a sleep that is not ours).
+_KILL_GRACE = 0.5
+_ids = itertools.count(1)
+#: The environ key under which a request's stream is kept (for testing).
+ENVIRON_KEY = "flask_eventstream.connection"
+
+#: The stream whose body is running in this greenlet or thread.
+current_connection: contextvars.ContextVar[Connection | None] = contextvars.ContextVar(
+    "flask_eventstream.connection", default=None
+)
+
+
+class Connection:
+    """One open event stream."""
+
+    __slots__ = (
+        "__weakref__",
+        "state",
+        "id",
+        "remote_addr",
+        "waker",
+        "subscriptions",
+        "closed",
+        "reason",
+        "released",
+        "task",
+        "deadline",
+        "last_write",
+        "writing_since",
+        "send_timeout",
+        "_stop_watch",
+        "_cancel_kill",
+    )
+
+    def __init__(self, state: _State, environ: t.Mapping[str, t.Any]) -> None:
+        settings = state.settings
+        self.state = state
+        self.id = next(_ids)
+        self.remote_addr: str | None = environ.get("REMOTE_ADDR")
+        self.waker = _gevent.make_waker()
+        self.subscriptions: list[Subscription] = []
+        self.closed = False
+        self.reason = "closed"
+        self.released = False
+        self.task = _gevent.current_task()
+        now = time.monotonic()
+        self.last_write = now
+        self.writing_since: float | None = None
+        self.send_timeout = float(settings.send_timeout)
+        self.deadline: float | None = None
+        if settings.max_lifetime:
+            self.deadline = now + settings.max_lifetime * random.uniform(0.9, 1.1)
+        self._stop_watch: t.Callable[[], None] | None = None
+        self._cancel_kill: t.Callable[[], None] | None = None
+        state.live.add(self)
+
+    # -- ending --
+
+    def end(self, reason: str, *, kill: bool = False) -> None:
+        """Ask the stream to end; safe from the hub, a signal or another
+        greenlet. With ``kill``, a stream that has not ended after a grace
+        period (stuck in a foreign sleep) has its greenlet killed."""
+        if self.closed:
+            return
+        self.closed = True
+        self.reason = reason
+        self.waker.set()
+        if kill and self.task is not None and self._cancel_kill is None:
+            self._cancel_kill = _gevent.call_later(_KILL_GRACE, self._kill)
+
+    def _kill(self) -> None:
+        if not self.released:
+            _gevent.kill(self.task)
+
+    def on_send_timeout(self) -> None:
+        log.info(
+            "Dropping event stream %s from %s: a write blocked for more than %ss.",
+            self.id,
+            self.remote_addr,
+            self.send_timeout,
+        )
+        self.end("timeout")
+        _gevent.kill(self.task)
+
+    def set_deadline(self, deadline: float) -> None:
+        """End the stream at ``deadline`` (monotonic) at the latest."""
+        if self.deadline is None or deadline < self.deadline:
+            self.deadline = deadline
+        self.waker.set()
+
+    def _on_eof(self) -> None:
+        self.end("client", kill=True)
+
+    def release(self) -> None:
+        """Release everything held for this stream; idempotent."""
+        if self.released:
+            return
+        self.released = True
+        self.closed = True
+        self.writing_since = None
+        for cancel in (self._stop_watch, self._cancel_kill):
+            if cancel is not None:
+                cancel()
+        self._stop_watch = self._cancel_kill = None
+        state = self.state
+        state.watchdog.discard(self)
+        channels: dict[str, None] = {}
+        for sub in self.subscriptions:
+            sub.close()
+            channels.update(dict.fromkeys(sub.channels))
+        self.subscriptions.clear()
+        state.live.discard(self)
+        log.debug(
+            "Event stream %s from %s ended (%s).", self.id, self.remote_addr, self.reason
+        )
+        state.send_disconnected(
+            channels=tuple(channels),
+            connection_id=self.id,
+            remote_addr=self.remote_addr,
+            reason=self.reason,
+        )
+
+    # -- waiting --
+
+    def _timeout(self, now: float) -> float:
+        timeout = self.last_write + self.state.settings.heartbeat - now
+        if self.deadline is not None:
+            timeout = min(timeout, self.deadline - now)
+        return max(timeout, 0.0)
+
+    def _idle(self, now: float) -> Frame | None:
+        """After a wait timed out: end at the deadline, or a heartbeat."""
+        if self.deadline is not None and now >= self.deadline:
+            self.end("lifetime")
+            return None
+        if now - self.last_write >= self.state.settings.heartbeat:
+            return _HEARTBEAT
+        return None
+
+    def sleep(self, seconds: float) -> None:
+        """Sleep, returning early if the stream is told to end."""
+        end = time.monotonic() + seconds
+        waker = self.waker
+        while not self.closed:
+            remaining = end - time.monotonic()
+            if remaining <= 0:
+                return
+            waker.clear()
+            if self.closed:
+                return
+            waker.wait(remaining)
+
+    def follow(self, sub: Subscription) -> Iterator[Frame | None]:
+        """Iterate a subscription: its frames, heartbeats while idle, and an
+        end when the stream is told to end."""
+        waker = self.waker
+        first = True
+        try:
+            while not (self.closed or sub.closed):
+                waker.clear()
+                frame = sub.drain()
+                if frame is not None:
+                    first = False
+                    yield frame
+                    continue
+                if sub.overflowed:
+                    log.warning(
+                        "Event stream %s from %s fell more than %d events behind"
+                        " on %s; disconnecting it (it resumes from history).",
+                        self.id,
+                        self.remote_addr,
+                        self.state.settings.queue_size,
+                        ", ".join(sub.channels),
+                    )
+                    self.end("overflow")
+                    return
+                if first:
+                    # Lets the view's first step finish without waiting.
+                    first = False
+                    yield None
+                    continue
+                if self.closed:
+                    return
+                if not waker.wait(self._timeout(time.monotonic())):
+                    beat = self._idle(time.monotonic())
+                    if beat is not None:
+                        yield beat
+        finally:
+            sub.close()
+
+    def periodic(
+        self,
+        view: t.Callable[..., t.Any],
+        args: tuple[t.Any, ...],
+        kwargs: dict[str, t.Any],
+        interval: float,
+    ) -> Iterator[t.Any]:
+        """Call ``view`` every ``interval`` seconds (the first call has been
+        made by the caller), with heartbeats in between."""
+        next_at = time.monotonic() + interval
+        waker = self.waker
+        while not self.closed:
+            now = time.monotonic()
+            if now >= next_at:
+                yield view(*args, **kwargs)
+                next_at += interval
+                if next_at < time.monotonic():
+                    next_at = time.monotonic() + interval
+                continue
+            waker.clear()
+            if self.closed:
+                return
+            if not waker.wait(min(next_at - now, self._timeout(now))):
+                now = time.monotonic()
+                if now < next_at:
+                    beat = self._idle(now)
+                    if beat is not None:
+                        yield beat
+
+    # -- the body --
+
+    def _to_bytes(self, item: t.Any) -> bytes | None:
+        if type(item) is Frame:
+            return item.data
+        if item is None:
+            if time.monotonic() - self.last_write >= self.state.settings.heartbeat:
+                return HEARTBEAT
+            return None
+        if not isinstance(item, Event):
+            item = Event(data=item)
+        return self.state.broker.encode(item, None).data
+
+    def body(self, first: t.Any, items: Iterator[t.Any]) -> Iterator[bytes]:
+        """The response body: retry and the first item, then the rest."""
+        token = current_connection.set(self)
+        try:
+            if self.task is not None:
+                self._stop_watch = _gevent.watch_disconnect(
+                    request.environ, self._on_eof
+                )
+                self.state.watchdog.add(self)
+            self.state.send_connected(
+                channels=self._channels(),
+                connection_id=self.id,
+                remote_addr=self.remote_addr,
+            )
+            chunk = self.state.retry_bytes
+            if first is not _END:
+                data = self._to_bytes(first)
+                if data:
+                    chunk += data
+            yield from self._write(chunk)
+            if first is _END:
+                return
+            to_bytes = self._to_bytes
+            while not self.closed:
+                if self.deadline is not None and time.monotonic() >= self.deadline:
+                    self.end("lifetime")
+                    break
+                item = next(items, _END)
+                if item is _END:
+                    break
+                data = to_bytes(item)
+                if data:
+                    yield from self._write(data)
+        except GeneratorExit:
+            if not self.closed:
+                self.end("client")
+            raise
+        except _gevent._GreenletExit:
+            if not self.closed:
+                self.end("killed")
+            raise
+        except Exception:
+            log.exception(
+                "Event stream %s from %s failed; ending it.", self.id, self.remote_addr
+            )
+            self.end("error")
+        finally:
+            try:
+                close = getattr(items, "close", None)
+                if close is not None:
+                    close()
+            finally:
+                self.release()
+                current_connection.reset(token)
+
+    def _write(self, data: bytes) -> Iterator[bytes]:
+        self.writing_since = now = time.monotonic()
+        yield data
+        self.writing_since = None
+        self.last_write = now
+
+    def _channels(self) -> tuple[str, ...]:
+        seen: dict[str, None] = {}
+        for sub in self.subscriptions:
+            seen.update(dict.fromkeys(sub.channels))
+        return tuple(seen)
+
+
+_SINGLE = (Event, str, bytes, bytearray, dict, list, int, float, bool, type(None))
+
+
+def _items(rv: t.Any) -> Iterator[t.Any] | None:
+    """What to iterate for a view's return value, or ``None`` for a single
+    value."""
+    if isinstance(rv, _SINGLE):
+        return None
+    if isinstance(rv, Iterator):
+        return rv
+    if isinstance(rv, Iterable):
+        return iter(rv)
+    return None
+
+
+def _make_response(
+    state: _State, view: t.Callable[..., t.Any], interval: float | None, *args: t.Any, **kwargs: t.Any
+) -> Response:
+    if state.closing:
+        # Shutting down: open and end at once, so the client reconnects to
+        # another worker after its retry delay.
+        return _response(state, stream_with_context(iter((state.retry_bytes,))))
+    limit = state.settings.max_connections
+    if limit is not None and len(state.live) >= limit:
+        response = Response(
+            "Too many open event streams; retry later.\n",
+            status=503,
+            mimetype="text/plain",
+            headers={"Retry-After": str(state.settings.retry_after)},
+        )
+        abort(response)
+    state.check_server(request.environ)
+    conn = Connection(state, request.environ)
+    request.environ[ENVIRON_KEY] = conn
+    token = current_connection.set(conn)
+    try:
+        rv = view(*args, **kwargs)
+        if interval is not None:
+            first = rv
+            items: Iterator[t.Any] = conn.periodic(view, args, kwargs, interval)
+        elif isinstance(rv, (Response, tuple)):
+            conn.release()
+            return t.cast(Response, current_app.make_response(rv))
+        else:
+            iterator = _items(rv)
+            if iterator is None:
+                first, items = rv, iter(())
+            else:
+                items = iterator
+                first = next(items, _END)
+    except BaseException:
+        conn.release()
+        raise
+    finally:
+        current_connection.reset(token)
+    response = _response(state, stream_with_context(conn.body(first, items)))
+    response.call_on_close(conn.release)
+    return response
+
+
+def _response(state: _State, body: Iterator[bytes]) -> Response:
+    response = current_app.response_class(body, mimetype="text/event-stream")
+    response.headers["Cache-Control"] = "no-cache"
+    response.headers["X-Accel-Buffering"] = "no"
+    return response
+
+
+@t.overload
+def eventstream(view: t.Callable[P, t.Any], /) -> t.Callable[P, Response]: ...
+
+
+@t.overload
+def eventstream(
+    *, interval: float | None = None
+) -> t.Callable[[t.Callable[P, t.Any]], t.Callable[P, Response]]: ...
+
+
+def eventstream(
+    view: t.Callable[P, t.Any] | None = None, /, *, interval: float | None = None
+) -> t.Any:
+    """Turn a Flask view into a ``text/event-stream`` response.
+
+    Used bare on a view that yields events (a generator) or returns
+    :meth:`EventStream.subscribe() <flask_eventstream.EventStream.subscribe>`,
+    or with ``interval=`` on a view that is called every ``interval`` seconds
+    and whose return value is sent. Items may be :class:`~flask_eventstream.Event`,
+    ``str``, JSON data, or ``None`` (nothing sent this round).
+
+    Errors raised before the first event (``abort(403)``, a failed lookup)
+    become normal HTTP error responses. The request context stays available
+    for the life of the stream.
+
+    :param interval: seconds between calls of a periodic view.
+
+    .. versionadded:: 0.1
+    """
+    if interval is not None and not interval > 0:
+        raise ValueError(f"interval must be a positive number of seconds, not {interval!r}")
+
+    def decorator(func: t.Callable[P, t.Any]) -> t.Callable[P, Response]:
+        if interval is not None and inspect.isgeneratorfunction(func):
+            raise TypeError(
+                f"{func.__name__} is a generator function: use @eventstream"
+                " without interval for views that yield events."
+            )
+
+        @functools.wraps(func)
+        def wrapper(*args: P.args, **kwargs: P.kwargs) -> Response:
+            from .extension import _state_for_request
+
+            return _make_response(_state_for_request(), func, interval, *args, **kwargs)
+
+        return wrapper
+
+    if view is not None:
+        return decorator(view)
+    return decorator
