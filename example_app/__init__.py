@@ -12,17 +12,16 @@ import hmac
 import os
 import typing as t
 
-from flask import Flask
 from flask import abort
+from flask import Flask
 from flask import g
 from flask import jsonify
 from flask import render_template
 from flask import request
-
 from flask_eventstream import Event
 from flask_eventstream import EventStream
-from flask_eventstream import PublishError
 from flask_eventstream import eventstream
+from flask_eventstream import PublishError
 
 __all__ = ["create_app", "stream"]
 
@@ -52,7 +51,9 @@ def _config_from_env() -> dict[str, t.Any]:
         try:
             config[key] = kind(value)
         except ValueError:
-            raise ValueError(f"Environment variable {key}={value!r} is not a {kind.__name__}") from None
+            raise ValueError(
+                f"Environment variable {key}={value!r} is not a {kind.__name__}"
+            ) from None
     return config
 
 

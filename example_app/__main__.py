@@ -13,11 +13,16 @@ from . import create_app  # noqa: E402
 
 
 def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     host = os.environ.get("EXAMPLE_HOST", "127.0.0.1")
     port = int(os.environ.get("EXAMPLE_PORT", "5000"))
     app = create_app()
-    print(f" * flask-eventstream example on http://{host}:{port}/ (Ctrl+C to stop)", flush=True)
+    print(
+        f" * flask-eventstream example on http://{host}:{port}/ (Ctrl+C to stop)",
+        flush=True,
+    )
     run(app, host, port)
 
 

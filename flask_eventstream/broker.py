@@ -16,8 +16,8 @@ import typing as t
 
 from blinker import Signal
 
-from .sse import Event
 from .sse import encode
+from .sse import Event
 
 __all__ = [
     "Broker",

@@ -10,8 +10,8 @@ import typing as t
 import weakref
 
 import click
-from flask import Flask
 from flask import current_app
+from flask import Flask
 from flask import has_app_context
 from flask import has_request_context
 from flask import request
@@ -23,8 +23,8 @@ from .broker import Backend
 from .broker import Broker
 from .broker import Subscription
 from .exceptions import EventStreamError
-from .sse import Event
 from .sse import encode_retry
+from .sse import Event
 from .views import Connection
 from .views import current_connection
 
@@ -82,13 +82,20 @@ class Settings:
         return max(1, math.ceil(self.retry / 1000))
 
 
-def _positive(name: str, value: object, *, integer: bool = False, zero: bool = False) -> None:
+def _positive(
+    name: str, value: object, *, integer: bool = False, zero: bool = False
+) -> None:
     key = Settings.KEYS[name]
     kinds: tuple[type, ...] = (int,) if integer else (int, float)
     if isinstance(value, bool) or not isinstance(value, kinds):
-        raise TypeError(f"{key} must be a{'n int' if integer else ' number'}, not {value!r}")
-    if value < 0 or (value == 0 and not zero):
-        raise ValueError(f"{key} must be {'>= 0' if zero else 'positive'}, not {value!r}")
+        raise TypeError(
+            f"{key} must be a{'n int' if integer else ' number'}, not {value!r}"
+        )
+    number = t.cast(float, value)
+    if number < 0 or (number == 0 and not zero):
+        raise ValueError(
+            f"{key} must be {'>= 0' if zero else 'positive'}, not {value!r}"
+        )
 
 
 def _make_backend(settings: Settings) -> t.Callable[[Broker], Backend]:
@@ -112,7 +119,9 @@ def _make_backend(settings: Settings) -> t.Callable[[Broker], Backend]:
 class _State:
     """Per-application state, kept in ``app.extensions["eventstream"]``."""
 
-    def __init__(self, owner: EventStream, app: Flask | None, settings: Settings) -> None:
+    def __init__(
+        self, owner: EventStream, app: Flask | None, settings: Settings
+    ) -> None:
         self.owner = owner
         self.app = app
         self.settings = settings
@@ -186,7 +195,9 @@ class EventStream:
     .. versionadded:: 0.1
     """
 
-    def __init__(self, app: Flask | None = None, *, redis_url: str | None = None) -> None:
+    def __init__(
+        self, app: Flask | None = None, *, redis_url: str | None = None
+    ) -> None:
         self.redis_url = redis_url
         self._states: weakref.WeakSet[_State] = weakref.WeakSet()
         self._standalone: _State | None = None
@@ -226,7 +237,9 @@ class EventStream:
             return states[0]
         if not states and self.redis_url:
             if self._standalone is None:
-                self._standalone = _State(self, None, Settings(redis_url=self.redis_url))
+                self._standalone = _State(
+                    self, None, Settings(redis_url=self.redis_url)
+                )
             return self._standalone
         raise RuntimeError(
             "Working outside of application context with "
@@ -257,7 +270,9 @@ class EventStream:
             ev = Event(data=data, event=event)
         return self._state().broker.publish(channel, ev)
 
-    def subscribe(self, *channels: str, last_event_id: str | None = _FROM_REQUEST) -> Subscription:
+    def subscribe(
+        self, *channels: str, last_event_id: str | None = _FROM_REQUEST
+    ) -> Subscription:
         """Subscribe to ``channels`` now and return the subscription, to be
         returned from an ``@eventstream`` view or iterated with ``yield from``.
 
@@ -273,12 +288,14 @@ class EventStream:
         if last_event_id is _FROM_REQUEST:
             last_event_id = None
             if has_request_context():
-                last_event_id = request.headers.get("Last-Event-ID") or request.args.get(
-                    "lastEventId"
-                )
+                last_event_id = request.headers.get(
+                    "Last-Event-ID"
+                ) or request.args.get("lastEventId")
         conn = current_connection.get()
         if conn is not None and conn.state is state and not conn.released:
-            sub = state.broker.subscribe(channels, last_event_id, conn.waker, conn.follow)
+            sub = state.broker.subscribe(
+                channels, last_event_id, conn.waker, conn.follow
+            )
             conn.subscriptions.append(sub)
             return sub
         return state.broker.subscribe(channels, last_event_id, _gevent.make_waker())
@@ -324,7 +341,9 @@ def _cli() -> None:
     is_flag=True,
     help="Send DATA as a string even if it parses as JSON.",
 )
-def _publish_command(channel: str, data: str, event_name: str | None, as_string: bool) -> None:
+def _publish_command(
+    channel: str, data: str, event_name: str | None, as_string: bool
+) -> None:
     """Publish DATA to CHANNEL.
 
     DATA is parsed as JSON when it is valid JSON ('{"a": 1}', '42', '"text"'),

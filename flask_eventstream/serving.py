@@ -29,7 +29,9 @@ class WSGIHandler(_WSGIHandler):  # type: ignore[misc]
         return environ
 
 
-def make_server(app: t.Any, host: str = "127.0.0.1", port: int = 5000, **kwargs: t.Any) -> t.Any:
+def make_server(
+    app: t.Any, host: str = "127.0.0.1", port: int = 5000, **kwargs: t.Any
+) -> t.Any:
     """A :class:`gevent.pywsgi.WSGIServer` for ``app`` using :class:`WSGIHandler`."""
     kwargs.setdefault("handler_class", WSGIHandler)
     return WSGIServer((host, port), app, **kwargs)
@@ -53,7 +55,9 @@ def run(
             state.owner.shutdown()
         gevent.spawn(server.stop, timeout=stop_timeout)
 
-    handlers = [gevent.signal_handler(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)]
+    handlers = [
+        gevent.signal_handler(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)
+    ]
     try:
         server.serve_forever()
     finally:

@@ -15,14 +15,16 @@ import time
 import typing as t
 
 from .sse import EventParser
-from .sse import ReceivedEvent
 from .sse import parse
+from .sse import ReceivedEvent
 from .views import ENVIRON_KEY
 
 __all__ = ["EventParser", "ReceivedEvent", "parse", "read_events"]
 
 
-def read_events(response: t.Any, count: int, timeout: float = 5.0) -> list[ReceivedEvent]:
+def read_events(
+    response: t.Any, count: int, timeout: float = 5.0
+) -> list[ReceivedEvent]:
     """Read ``count`` events from a streaming test-client response (made with
     ``buffered=False``), then close it.
 

@@ -19,18 +19,17 @@ import typing as t
 from collections.abc import Iterable
 from collections.abc import Iterator
 
-from flask import Response
 from flask import abort
 from flask import current_app
 from flask import request
+from flask import Response
 from flask import stream_with_context
 
 from . import _gevent
 from .broker import Frame
 from .broker import Subscription
-from .sse import HEARTBEAT
 from .sse import Event
-from .sse import encode_retry
+from .sse import HEARTBEAT
 
 if t.TYPE_CHECKING:
     from .extension import _State
@@ -157,7 +156,10 @@ class Connection:
         self.subscriptions.clear()
         state.live.discard(self)
         log.debug(
-            "Event stream %s from %s ended (%s).", self.id, self.remote_addr, self.reason
+            "Event stream %s from %s ended (%s).",
+            self.id,
+            self.remote_addr,
+            self.reason,
         )
         state.send_disconnected(
             channels=tuple(channels),
@@ -360,7 +362,11 @@ def _items(rv: t.Any) -> Iterator[t.Any] | None:
 
 
 def _make_response(
-    state: _State, view: t.Callable[..., t.Any], interval: float | None, *args: t.Any, **kwargs: t.Any
+    state: _State,
+    view: t.Callable[..., t.Any],
+    interval: float | None,
+    *args: t.Any,
+    **kwargs: t.Any,
 ) -> Response:
     if state.closing:
         # Shutting down: open and end at once, so the client reconnects to
@@ -386,7 +392,7 @@ def _make_response(
             items: Iterator[t.Any] = conn.periodic(view, args, kwargs, interval)
         elif isinstance(rv, (Response, tuple)):
             conn.release()
-            return t.cast(Response, current_app.make_response(rv))
+            return current_app.make_response(rv)
         else:
             iterator = _items(rv)
             if iterator is None:
@@ -441,7 +447,9 @@ def eventstream(
     .. versionadded:: 0.1
     """
     if interval is not None and not interval > 0:
-        raise ValueError(f"interval must be a positive number of seconds, not {interval!r}")
+        raise ValueError(
+            f"interval must be a positive number of seconds, not {interval!r}"
+        )
 
     def decorator(func: t.Callable[P, t.Any]) -> t.Callable[P, Response]:
         if interval is not None and inspect.isgeneratorfunction(func):

@@ -10,11 +10,11 @@ import threading
 import time
 
 from ..broker import Broker
+from ..broker import format_id
 from ..broker import Frame
 from ..broker import Key
-from ..broker import Subscription
-from ..broker import format_id
 from ..broker import reset_frame
+from ..broker import Subscription
 from ..sse import Event
 
 __all__ = ["MemoryBackend"]
