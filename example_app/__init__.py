@@ -18,6 +18,7 @@ from flask import g
 from flask import jsonify
 from flask import render_template
 from flask import request
+
 from flask_eventstream import Event
 from flask_eventstream import EventStream
 from flask_eventstream import eventstream
