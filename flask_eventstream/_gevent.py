@@ -20,18 +20,22 @@ import weakref
 
 import gevent
 import gevent.event
+import gevent.monkey
 import greenlet
 
 from .broker import Waker
 
 __all__ = [
+    "background_event",
     "call_later",
+    "cooperative",
     "current_task",
     "in_gevent",
     "install_term_handler",
     "kill",
     "make_waker",
     "sleep",
+    "spawn_background",
     "watch_disconnect",
     "Watchdog",
 ]
@@ -67,7 +71,34 @@ def current_task() -> t.Any:
 def kill(task: t.Any) -> None:
     """Raise ``GreenletExit`` in ``task`` at its next switch; never blocks."""
     if task is not None and not task.dead:
-        gevent.kill(task, block=False)
+        # gevent.kill() never blocks (it calls Greenlet.kill(block=False),
+        # or throws from the hub for a raw greenlet) and takes no ``block``.
+        gevent.kill(task)
+
+
+def cooperative() -> bool:
+    """Whether sockets are gevent's (the process is monkey-patched), so that
+    blocking network I/O in a greenlet lets the other greenlets run."""
+    return bool(gevent.monkey.is_module_patched("socket"))
+
+
+def spawn_background(func: t.Callable[[], None], name: str) -> t.Any:
+    """Run ``func`` in the background and return its greenlet or thread: a
+    greenlet when :func:`cooperative`, else a daemon thread (whose blocking
+    I/O would otherwise stall every greenlet of the hub)."""
+    if cooperative():
+        return gevent.spawn(func)
+    thread = threading.Thread(target=func, name=name, daemon=True)
+    thread.start()
+    return thread
+
+
+def background_event() -> Waker:
+    """An event that a task of :func:`spawn_background` can wait on and any
+    greenlet or thread can set."""
+    if cooperative():
+        return t.cast(Waker, gevent.event.Event())
+    return threading.Event()
 
 
 class _Cancel(t.Protocol):
@@ -208,8 +239,10 @@ def install_term_handler(callback: t.Callable[[], None]) -> bool:
         _term_callbacks.append(callback)
     if _term_installed:
         return True
-    if threading.current_thread() is not threading.main_thread():
-        return False
+    # No threading.current_thread() check: with threading monkey-patched it
+    # names the greenlet, not the OS thread, so every request greenlet would
+    # look like a foreign thread. signal.signal() itself raises ValueError
+    # outside the main thread.
     previous = signal.getsignal(signal.SIGTERM)
     if not callable(previous):
         # Nobody handles SIGTERM gracefully here: the process dies at once

@@ -157,15 +157,18 @@ class Subscription:
 
     def deliver(self, sender: str, frame: Frame) -> None:
         """Blinker receiver: queue ``frame`` and wake the subscriber."""
+        if self.overflowed:
+            return
         floor = self.floor
         if floor is not None and frame.key is not None and frame.key <= floor:
             return
         queue = self._queue
         if len(queue) >= self._limit:
-            if not self.overflowed:
-                self.overflowed = True
-                queue.clear()
-                self._waker.set()
+            # Cut off: release the backlog now; the client resumes from
+            # history when it reconnects.
+            self.overflowed = True
+            queue.clear()
+            self._waker.set()
             return
         queue.append(frame)
         self._waker.set()

@@ -357,6 +357,12 @@ def _publish_command(
         except ValueError:
             payload = data
     state = _state_for_request()
+    if not state.settings.redis_url:
+        click.echo(
+            "Warning: EVENTSTREAM_REDIS_URL is not set; the in-memory broker of"
+            " this command reaches no server's subscribers.",
+            err=True,
+        )
     try:
         event = state.owner.publish(channel, payload, event=event_name)
     except (ValueError, TypeError) as e:

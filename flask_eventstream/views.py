@@ -68,6 +68,7 @@ class Connection:
         "closed",
         "reason",
         "released",
+        "started",
         "task",
         "deadline",
         "last_write",
@@ -87,6 +88,8 @@ class Connection:
         self.closed = False
         self.reason = "closed"
         self.released = False
+        #: Whether the body started (and client_connected was sent).
+        self.started = False
         self.task = _gevent.current_task()
         now = time.monotonic()
         self.last_write = now
@@ -161,6 +164,8 @@ class Connection:
             self.remote_addr,
             self.reason,
         )
+        if not self.started:
+            return
         state.send_disconnected(
             channels=tuple(channels),
             connection_id=self.id,
@@ -186,17 +191,22 @@ class Connection:
         return None
 
     def sleep(self, seconds: float) -> None:
-        """Sleep, returning early if the stream is told to end."""
+        """Sleep, returning early if the stream is told to end or reaches its
+        deadline (``EVENTSTREAM_MAX_LIFETIME``, or a test's timeout)."""
         end = time.monotonic() + seconds
         waker = self.waker
         while not self.closed:
-            remaining = end - time.monotonic()
-            if remaining <= 0:
+            now = time.monotonic()
+            if self.deadline is not None and now >= self.deadline:
+                self.end("lifetime")
+                return
+            until = end if self.deadline is None else min(end, self.deadline)
+            if now >= until:
                 return
             waker.clear()
             if self.closed:
                 return
-            waker.wait(remaining)
+            waker.wait(until - now)
 
     def follow(self, sub: Subscription) -> Iterator[Frame | None]:
         """Iterate a subscription: its frames, heartbeats while idle, and an
@@ -206,11 +216,8 @@ class Connection:
         try:
             while not (self.closed or sub.closed):
                 waker.clear()
-                frame = sub.drain()
-                if frame is not None:
-                    first = False
-                    yield frame
-                    continue
+                # Checked before draining: frames queued after the overflow
+                # follow a gap, and sending them would skip events silently.
                 if sub.overflowed:
                     log.warning(
                         "Event stream %s from %s fell more than %d events behind"
@@ -222,6 +229,11 @@ class Connection:
                     )
                     self.end("overflow")
                     return
+                frame = sub.drain()
+                if frame is not None:
+                    first = False
+                    yield frame
+                    continue
                 if first:
                     # Lets the view's first step finish without waiting.
                     first = False
@@ -287,6 +299,7 @@ class Connection:
                     request.environ, self._on_eof
                 )
                 self.state.watchdog.add(self)
+            self.started = True
             self.state.send_connected(
                 channels=self._channels(),
                 connection_id=self.id,
@@ -306,7 +319,7 @@ class Connection:
                     self.end("lifetime")
                     break
                 item = next(items, _END)
-                if item is _END:
+                if item is _END or self.closed:
                     break
                 data = to_bytes(item)
                 if data:

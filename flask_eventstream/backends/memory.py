@@ -58,12 +58,16 @@ class MemoryBackend:
             key = self._next_key()
             event = dataclasses.replace(event, id=format_id(key))
             frame = self._broker.encode(event, key)
-            if self._history_size:
-                state = self._channels.get(channel)
-                if state is None:
-                    state = self._channels[channel] = _Channel(self._history_size)
-                history = state.history
-                if len(history) == history.maxlen:
+            state = self._channels.get(channel)
+            if state is None:
+                state = self._channels[channel] = _Channel(self._history_size)
+            history = state.history
+            if not self._history_size:
+                # Nothing is retained: every event is dropped at once, so a
+                # client resuming from before it gets a reset, not silence.
+                state.dropped = key
+            else:
+                if len(history) == self._history_size:
                     state.dropped = history[0].key
                 history.append(frame)
             self._broker.fanout(channel, frame, event)
