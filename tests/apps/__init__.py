@@ -1,0 +1,1 @@
+"""Small applications that the server tests run in subprocesses."""
