@@ -62,7 +62,9 @@ def parse_id(value: str | None) -> Key | None:
     malformed or oversized (all of which are treated alike)."""
     if not value or len(value) > 40:
         return None
-    match = _ID.fullmatch(value.strip())
+    # Only the optional whitespace of an HTTP header value (space, tab) is
+    # dropped: an id with CR, LF or other characters around it is malformed.
+    match = _ID.fullmatch(value.strip(" \t"))
     if match is None:
         return None
     return int(match.group(1)), int(match.group(2))

@@ -35,6 +35,16 @@ HEARTBEAT = b":\n\n"
 # data that contains them.
 _LINE_BREAK = re.compile(r"\r\n|\r|\n")
 _FORBIDDEN_IN_FIELD = re.compile(r"[\r\n\0]")
+# Lone surrogates cannot be encoded to UTF-8.
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _check_text(name: str, value: str) -> str:
+    if _SURROGATE.search(value):
+        raise ValueError(
+            f"Event {name} contains a lone surrogate, which cannot be encoded as UTF-8."
+        )
+    return value
 
 
 def _check_field(name: str, value: object) -> str:
@@ -45,23 +55,31 @@ def _check_field(name: str, value: object) -> str:
             f"Event {name} {value!r} contains CR, LF or NUL, which would"
             " break the event stream framing."
         )
-    return value
+    return _check_text(name, value)
 
 
 def _data_text(data: object) -> str:
     if isinstance(data, str):
-        return data
+        return _check_text("data", data)
     if isinstance(data, (bytes, bytearray, memoryview)):
         try:
             return bytes(data).decode("utf-8")
         except UnicodeDecodeError as e:
             raise ValueError(f"Event data bytes are not valid UTF-8: {e}") from None
     try:
-        return json.dumps(data, ensure_ascii=False, separators=(",", ":"))
-    except (TypeError, ValueError) as e:
+        text = json.dumps(
+            data, ensure_ascii=False, separators=(",", ":"), allow_nan=False
+        )
+    except TypeError as e:
         raise TypeError(
             f"Event data of type {type(data).__name__} is not JSON serialisable: {e}"
         ) from None
+    except ValueError as e:
+        # NaN or infinity (which no JSON parser reads), or a circular reference.
+        raise ValueError(
+            f"Event data of type {type(data).__name__} cannot be sent as JSON: {e}"
+        ) from None
+    return _check_text("data", text)
 
 
 @dataclass(frozen=True)
@@ -77,7 +95,8 @@ class Event:
     :param retry: the reconnection delay, in milliseconds, for the client.
     :param comment: a comment sent before the fields; clients ignore it.
     :raises ValueError: if ``event`` or ``id`` contains CR, LF or NUL, if
-        ``retry`` is negative, or if ``data`` is bytes that are not UTF-8.
+        ``retry`` is negative, if ``data`` is bytes that are not UTF-8 or
+        JSON with NaN or infinity, or if a text has a lone surrogate.
     :raises TypeError: if ``data`` cannot be serialised, or a field has the
         wrong type.
 
@@ -105,10 +124,12 @@ class Event:
                 )
             if self.retry < 0:
                 raise ValueError(f"Event retry must not be negative: {self.retry}.")
-        if self.comment is not None and not isinstance(self.comment, str):
-            raise TypeError(
-                f"Event comment must be a str, not {type(self.comment).__name__}."
-            )
+        if self.comment is not None:
+            if not isinstance(self.comment, str):
+                raise TypeError(
+                    f"Event comment must be a str, not {type(self.comment).__name__}."
+                )
+            _check_text("comment", self.comment)
         object.__setattr__(self, "text", _data_text(self.data))
 
 

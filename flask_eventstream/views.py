@@ -423,8 +423,38 @@ def _make_response(
     return response
 
 
+class _OwnContext:
+    """Runs every step of a stream body in a copy of the request's context.
+
+    ``stream_with_context`` pushes the request context inside the body, and a
+    generator runs in its caller's context: without this, a suspended stream
+    would leave its request context pushed in the caller (Flask's test client
+    iterates several streams in one thread, where they then pop each other's
+    contexts and see each other's ``request``).
+    """
+
+    __slots__ = ("_body", "_context")
+
+    def __init__(self, body: Iterator[bytes]) -> None:
+        self._body = body
+        self._context = contextvars.copy_context()
+
+    def __iter__(self) -> _OwnContext:
+        return self
+
+    def __next__(self) -> bytes:
+        return self._context.run(next, self._body)
+
+    def close(self) -> None:
+        close = getattr(self._body, "close", None)
+        if close is not None:
+            self._context.run(close)
+
+
 def _response(state: _State, body: Iterator[bytes]) -> Response:
-    response = current_app.response_class(body, mimetype="text/event-stream")
+    response = current_app.response_class(
+        _OwnContext(body), mimetype="text/event-stream"
+    )
     response.headers["Cache-Control"] = "no-cache"
     response.headers["X-Accel-Buffering"] = "no"
     return response
