@@ -215,6 +215,7 @@ class Connection:
         first = True
         try:
             while not (self.closed or sub.closed):
+                sub.woken = False
                 waker.clear()
                 # Checked before draining: frames queued after the overflow
                 # follow a gap, and sending them would skip events silently.
@@ -305,25 +306,32 @@ class Connection:
                 connection_id=self.id,
                 remote_addr=self.remote_addr,
             )
-            chunk = self.state.retry_bytes
+            data = self.state.retry_bytes
             if first is not _END:
-                data = self._to_bytes(first)
-                if data:
-                    chunk += data
-            yield from self._write(chunk)
-            if first is _END:
-                return
+                data += self._to_bytes(first) or b""
+            # The hot loop: writes are inlined (no helper generator per
+            # write) and frames, the common item, skip _to_bytes.
+            monotonic = time.monotonic
             to_bytes = self._to_bytes
-            while not self.closed:
-                if self.deadline is not None and time.monotonic() >= self.deadline:
-                    self.end("lifetime")
-                    break
-                item = next(items, _END)
-                if item is _END or self.closed:
-                    break
-                data = to_bytes(item)
-                if data:
-                    yield from self._write(data)
+            while True:
+                self.writing_since = now = monotonic()
+                yield data
+                self.writing_since = None
+                self.last_write = now
+                while True:
+                    if self.closed:
+                        return
+                    deadline = self.deadline
+                    if deadline is not None and monotonic() >= deadline:
+                        self.end("lifetime")
+                        return
+                    item = next(items, _END)
+                    if item is _END or self.closed:
+                        return
+                    chunk = item.data if type(item) is Frame else to_bytes(item)
+                    if chunk:
+                        data = chunk
+                        break
         except GeneratorExit:
             if not self.closed:
                 self.end("client")
@@ -345,12 +353,6 @@ class Connection:
             finally:
                 self.release()
                 current_connection.reset(token)
-
-    def _write(self, data: bytes) -> Iterator[bytes]:
-        self.writing_since = now = time.monotonic()
-        yield data
-        self.writing_since = None
-        self.last_write = now
 
     def _channels(self) -> tuple[str, ...]:
         seen: dict[str, None] = {}
