@@ -291,14 +291,27 @@ class Connection:
             item = Event(data=item)
         return self.state.broker.encode(item, None).data
 
-    def body(self, first: t.Any, items: Iterator[t.Any]) -> Iterator[bytes]:
-        """The response body: retry and the first item, then the rest."""
-        token = current_connection.set(self)
+    def body(
+        self,
+        first: t.Any,
+        items: Iterator[t.Any],
+        environ: t.Mapping[str, t.Any],
+        *,
+        primed: bool = False,
+    ) -> Iterator[bytes]:
+        """The response body: retry and the first item, then the rest.
+
+        With ``primed``, the generator first yields an empty chunk that the
+        caller consumes at once: a started generator runs its ``finally``
+        when closed, so it can be handed to the server as the response
+        iterable itself, without Werkzeug's wrappers around it.
+        """
+        token = None if primed else current_connection.set(self)
         try:
+            if primed:
+                yield b""
             if self.task is not None:
-                self._stop_watch = _gevent.watch_disconnect(
-                    request.environ, self._on_eof
-                )
+                self._stop_watch = _gevent.watch_disconnect(environ, self._on_eof)
                 self.state.watchdog.add(self)
             self.started = True
             self.state.send_connected(
@@ -352,7 +365,8 @@ class Connection:
                     close()
             finally:
                 self.release()
-                current_connection.reset(token)
+                if token is not None:
+                    current_connection.reset(token)
 
     def _channels(self) -> tuple[str, ...]:
         seen: dict[str, None] = {}
@@ -386,7 +400,7 @@ def _make_response(
     if state.closing:
         # Shutting down: open and end at once, so the client reconnects to
         # another worker after its retry delay.
-        return _response(state, stream_with_context(iter((state.retry_bytes,))))
+        return _response(state, [state.retry_bytes])
     limit = state.settings.max_connections
     if limit is not None and len(state.live) >= limit:
         response = Response(
@@ -420,7 +434,19 @@ def _make_response(
         raise
     finally:
         current_connection.reset(token)
-    response = _response(state, stream_with_context(conn.body(first, items)))
+    if isinstance(rv, Subscription) and interval is None and conn.task is not None:
+        # The common case on gevent servers: a view that returned a
+        # subscription needs no request context while it streams, and each
+        # layer between the server and the subscription costs time on every
+        # write and stack on every idle stream. The server gets the body
+        # generator itself.
+        body = conn.body(first, items, request.environ, primed=True)
+        next(body)
+        response = _response(state, body, passthrough=True)
+    else:
+        body = conn.body(first, items, request.environ)
+        response = _response(state, _OwnContext(stream_with_context(body)))
+    # For a response that is never iterated (HEAD, or the client left first).
     response.call_on_close(conn.release)
     return response
 
@@ -453,10 +479,13 @@ class _OwnContext:
             self._context.run(close)
 
 
-def _response(state: _State, body: Iterator[bytes]) -> Response:
-    response = current_app.response_class(
-        _OwnContext(body), mimetype="text/event-stream"
-    )
+def _response(
+    state: _State, body: Iterable[bytes], *, passthrough: bool = False
+) -> Response:
+    response = current_app.response_class(body, mimetype="text/event-stream")
+    # Werkzeug hands a direct_passthrough body to the server as it is, with
+    # no encoding or closing wrapper.
+    response.direct_passthrough = passthrough
     response.headers["Cache-Control"] = "no-cache"
     response.headers["X-Accel-Buffering"] = "no"
     return response
