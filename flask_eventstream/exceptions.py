@@ -14,8 +14,10 @@ class EventStreamError(Exception):
 
 class PublishError(EventStreamError):
     """An event could not be handed to the broker, for example because Redis
-    stayed unreachable through the bounded retry. The event was not published;
-    nothing was dropped silently.
+    stayed unreachable through the bounded retry. The event is not known to be
+    published: when Redis went away after storing it but before answering, it
+    is delivered once all the same, so retrying may publish it twice. Nothing
+    is ever dropped silently.
 
     .. versionadded:: 0.1
     """
