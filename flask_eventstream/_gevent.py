@@ -59,28 +59,64 @@ def make_waker() -> Waker:
 _os_thread_ident = gevent.monkey.get_original("_thread", "get_ident")
 
 
+class _WakeBatch:
+    """Wakers of one OS thread's hub that were set since the hub last ran
+    them. A fan-out to N waiting subscribers schedules one hub callback, not
+    N (each callback is an allocation, and at thousands of subscribers per
+    event their churn set off full garbage collections)."""
+
+    __slots__ = ("wakers", "scheduled", "loop")
+
+    def __init__(self, loop: t.Any) -> None:
+        self.wakers: list[_GreenWaker] = []
+        self.scheduled = False
+        self.loop = loop
+
+    def add(self, waker: _GreenWaker) -> None:
+        self.wakers.append(waker)
+        if not self.scheduled:
+            self.scheduled = True
+            self.loop.run_callback(self.run)
+
+    def run(self) -> None:
+        # Runs in the hub: each switch returns here when that greenlet
+        # waits again, as in gevent's own Event._notify_links.
+        wakers, self.wakers = self.wakers, []
+        self.scheduled = False
+        for waker in wakers:
+            waker._wake_queued()
+
+
+_batches: dict[int, _WakeBatch] = {}
+
+
 class _GreenWaker:
     """A ``threading.Event``-like flag for one waiting greenlet.
 
-    ``gevent.event.Event`` serves any number of waiters and creates a
-    ``Timeout`` for every timed wait; a stream has exactly one waiter and
-    waits with a timeout (the next heartbeat) after every write, so this
-    switches to it directly and uses a bare libev timer: 2.1 us instead of
-    6.5 us per wake-up and wait (measured with 1,000 greenlets).
+    ``gevent.event.Event`` serves any number of waiters, schedules a callback
+    per set() and creates a ``Timeout`` for every timed wait; a stream has
+    exactly one waiter, so this switches to it directly, in one hub callback
+    for every waker set by the same fan-out (see :class:`_WakeBatch`), and
+    times out with a bare libev timer.
 
     ``set()`` may be called from any greenlet, from the hub, or from another
     OS thread (a publishing thread pool); the waiter is then woken through
     the loop's thread-safe callback. A wake-up that arrives after the wait
-    ended is ignored (spurious wake-ups are harmless to its callers).
+    ended is ignored or spurious, which its callers tolerate.
     """
 
-    __slots__ = ("_flag", "_waiter", "_hub", "_thread")
+    __slots__ = ("_flag", "_waiter", "_queued", "_hub", "_thread", "_batch")
 
     def __init__(self) -> None:
         self._flag = False
         self._waiter: t.Any = None
-        self._hub = gevent.get_hub()
-        self._thread = _os_thread_ident()
+        self._queued = False
+        self._hub = hub = gevent.get_hub()
+        self._thread = thread = _os_thread_ident()
+        batch = _batches.get(thread)
+        if batch is None or batch.loop is not hub.loop:
+            batch = _batches[thread] = _WakeBatch(hub.loop)
+        self._batch = batch
 
     def is_set(self) -> bool:
         return self._flag
@@ -90,20 +126,27 @@ class _GreenWaker:
 
     def set(self) -> None:
         self._flag = True
+        if self._waiter is None or self._queued:
+            return
+        self._queued = True
+        if _os_thread_ident() == self._thread:
+            self._batch.add(self)
+        else:
+            self._hub.loop.run_callback_threadsafe(self._wake_queued)
+
+    def _wake_queued(self) -> None:
+        self._queued = False
         waiter = self._waiter
         if waiter is not None:
             self._waiter = None
-            loop = self._hub.loop
-            if _os_thread_ident() == self._thread:
-                loop.run_callback(self._wake, waiter, True)
-            else:
-                loop.run_callback_threadsafe(self._wake, waiter, True)
+            if not waiter.dead:
+                waiter.switch(True)
 
-    def _wake(self, waiter: t.Any, value: bool) -> None:
-        if self._waiter is waiter or (value and self._waiter is None):
+    def _timed_out(self, waiter: t.Any) -> None:
+        if self._waiter is waiter:
             self._waiter = None
             if not waiter.dead:
-                waiter.switch(value)
+                waiter.switch(False)
 
     def wait(self, timeout: float | None = None) -> bool:
         if self._flag:
@@ -117,7 +160,7 @@ class _GreenWaker:
         timer = None
         if timeout is not None:
             timer = hub.loop.timer(max(timeout, 0.0))
-            timer.start(self._wake, waiter, False)
+            timer.start(self._timed_out, waiter)
         try:
             return bool(hub.switch())
         finally:
@@ -260,14 +303,26 @@ class _Watched(t.Protocol):
     #: monotonic time a write started, or None when not writing.
     writing_since: float | None
     send_timeout: float
+    waker: Waker
 
     def on_send_timeout(self) -> None: ...
 
+    def due(self, now: float) -> bool:
+        """Whether a heartbeat or the end of its lifetime is due."""
+        ...
+
 
 class Watchdog:
-    """One greenlet per process that drops streams whose write has blocked
-    longer than their send timeout (a frozen or half-open client keeps
-    ``sendall`` parked until TCP gives up, which can take many minutes)."""
+    """One greenlet per application and process that sweeps its streams
+    every ``tick`` seconds:
+
+    - drops a stream whose write has blocked longer than its send timeout
+      (a frozen or half-open client keeps ``sendall`` parked until TCP gives
+      up, which can take many minutes);
+    - wakes a stream whose heartbeat or lifetime end is due, so that idle
+      streams wait without a timer of their own (one timer per wait was an
+      allocation and two libev calls on every delivery).
+    """
 
     def __init__(self, tick: float = 0.5) -> None:
         self._tick = tick
@@ -288,7 +343,10 @@ class Watchdog:
             now = time.monotonic()
             for stream in list(self._streams):
                 since = stream.writing_since
-                if since is not None and now - since > stream.send_timeout:
+                if since is None:
+                    if stream.due(now):
+                        stream.waker.set()
+                elif now - since > stream.send_timeout:
                     self._streams.discard(stream)
                     stream.on_send_timeout()
 

@@ -128,7 +128,10 @@ class _State:
         self.retry_bytes = encode_retry(settings.retry)
         self.live: weakref.WeakSet[Connection] = weakref.WeakSet()
         self.closing = False
-        self.watchdog = _gevent.Watchdog()
+        ticks = [0.5, settings.heartbeat / 4, settings.send_timeout / 4]
+        if settings.max_lifetime:
+            ticks.append(settings.max_lifetime / 20)
+        self.watchdog = _gevent.Watchdog(tick=min(ticks))
         self._warned_server = False
         on_delivered = self._send_published if app is not None else None
         self.broker = Broker(

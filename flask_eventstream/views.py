@@ -181,8 +181,16 @@ class Connection:
             timeout = min(timeout, self.deadline - now)
         return max(timeout, 0.0)
 
+    def due(self, now: float) -> bool:
+        """Whether a heartbeat or the end of the stream is due (for the
+        watchdog's sweep, which wakes such streams on gevent)."""
+        deadline = self.deadline
+        return now - self.last_write >= self.state.settings.heartbeat or (
+            deadline is not None and now >= deadline
+        )
+
     def _idle(self, now: float) -> Frame | None:
-        """After a wait timed out: end at the deadline, or a heartbeat."""
+        """With nothing to send: end at the deadline, or a heartbeat."""
         if self.deadline is not None and now >= self.deadline:
             self.end("lifetime")
             return None
@@ -213,6 +221,7 @@ class Connection:
         end when the stream is told to end."""
         waker = self.waker
         first = True
+        timed = self.task is None  # a plain thread: no watchdog
         try:
             while not (self.closed or sub.closed):
                 sub.woken = False
@@ -240,12 +249,15 @@ class Connection:
                     first = False
                     yield None
                     continue
+                beat = self._idle(time.monotonic())
+                if beat is not None:
+                    yield beat
+                    continue
                 if self.closed:
                     return
-                if not waker.wait(self._timeout(time.monotonic())):
-                    beat = self._idle(time.monotonic())
-                    if beat is not None:
-                        yield beat
+                # On gevent the watchdog's sweep wakes the stream when a
+                # heartbeat or its end is due: no timer per wait.
+                waker.wait(self._timeout(time.monotonic()) if timed else None)
         finally:
             sub.close()
 
