@@ -84,7 +84,8 @@ class Frame:
 
 
 class Waker(t.Protocol):
-    """What a subscriber sleeps on: ``threading.Event`` or ``gevent.event.Event``."""
+    """What a subscriber sleeps on: ``threading.Event`` in a thread, a
+    one-waiter flag of ``flask_eventstream._gevent`` in a greenlet."""
 
     def set(self) -> None: ...
     def clear(self) -> None: ...
