@@ -286,12 +286,14 @@ class Connection:
             waker.clear()
             if self.closed:
                 return
-            if not waker.wait(min(next_at - now, self._timeout(now))):
-                now = time.monotonic()
-                if now < next_at:
-                    beat = self._idle(now)
-                    if beat is not None:
-                        yield beat
+            # Woken by its own timeout, or by the watchdog when a heartbeat
+            # or the end is due: either way, look.
+            waker.wait(min(next_at - now, self._timeout(now)))
+            now = time.monotonic()
+            if now < next_at:
+                beat = self._idle(now)
+                if beat is not None:
+                    yield beat
 
     # -- the body --
 
