@@ -9,34 +9,17 @@ import typing as t
 
 import pytest
 from flask import Flask
-from flask import request
 
 from example_app import create_app
 from flask_eventstream import Event
-from flask_eventstream import EventStream
 from flask_eventstream import eventstream
 from flask_eventstream import signals
 from flask_eventstream.sse import EventParser
 from flask_eventstream.testing import _connection
 from flask_eventstream.testing import read_events
 from flask_eventstream.testing import ReceivedEvent
-
-
-def make_app(**config: t.Any) -> tuple[Flask, EventStream]:
-    app = Flask(__name__)
-    app.config.update(config)
-    ext = EventStream(app)
-
-    @app.get("/s")
-    @eventstream
-    def s() -> t.Any:
-        return ext.subscribe(*request.args.getlist("c"))
-
-    return app, ext
-
-
-def rec(event: Event) -> ReceivedEvent:
-    return ReceivedEvent(event.event or "message", event.text, t.cast(str, event.id))
+from tests.support.servers import make_app
+from tests.support.servers import rec
 
 
 class Reader:

@@ -12,7 +12,6 @@ import urllib.parse
 
 import pytest
 from flask import Flask
-from flask import request
 
 from flask_eventstream import Event
 from flask_eventstream import EventStream
@@ -22,24 +21,8 @@ from flask_eventstream.broker import parse_id
 from flask_eventstream.testing import parse
 from flask_eventstream.testing import read_events
 from flask_eventstream.testing import ReceivedEvent
-
-
-def make_app(**config: t.Any) -> tuple[Flask, EventStream]:
-    app = Flask(__name__)
-    app.config.update(config)
-    ext = EventStream(app)
-
-    @app.get("/s")
-    @eventstream
-    def s() -> t.Any:
-        return ext.subscribe(*request.args.getlist("c"))
-
-    return app, ext
-
-
-def rec(event: Event) -> ReceivedEvent:
-    """What a client receives for a published event."""
-    return ReceivedEvent(event.event or "message", event.text, t.cast(str, event.id))
+from tests.support.servers import make_app
+from tests.support.servers import rec
 
 
 def reset(reason: str, last: str, newest: str) -> ReceivedEvent:

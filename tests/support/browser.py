@@ -11,17 +11,19 @@ Nothing here reaches beyond 127.0.0.1.
 from __future__ import annotations
 
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
 import typing as t
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
+
+from tests.support.servers import ExitedEarly
+from tests.support.servers import free_port
+from tests.support.servers import stop_process
+from tests.support.servers import wait_started
 
 if t.TYPE_CHECKING:
     from playwright.sync_api import BrowserContext
@@ -45,13 +47,6 @@ CHROMIUM_ARGS = [
 ]
 #: Default timeout of Playwright actions and expectations, ms.
 PAGE_TIMEOUT_MS = 10_000
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 class ExampleServer:
@@ -78,28 +73,21 @@ class ExampleServer:
             stdout=self._log,
             stderr=subprocess.STDOUT,
         )
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.proc.poll() is not None:
-                self._close_log()
-                pytest.fail(
-                    f"example app exited with {self.proc.returncode} during start:\n"
-                    f"{self.log_tail()}",
-                    pytrace=False,
-                )
-            try:
-                if self.client.get("/healthz", timeout=1.0).status_code == 200:
-                    return self
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                self.stop()
-                pytest.fail(
-                    f"example app did not answer /healthz within {timeout} s:\n"
-                    f"{self.log_tail()}",
-                    pytrace=False,
-                )
-            time.sleep(0.02)  # polling a port that is not open yet: no event to await
+        try:
+            wait_started(self.proc, self._healthy, timeout, 0.02, "example app")
+        except ExitedEarly as e:
+            self._close_log()
+            pytest.fail(f"{e} during start:\n{self.log_tail()}", pytrace=False)
+        except TimeoutError as e:
+            self.stop()
+            pytest.fail(f"{e} (GET /healthz):\n{self.log_tail()}", pytrace=False)
+        return self
+
+    def _healthy(self) -> bool:
+        try:
+            return self.client.get("/healthz", timeout=1.0).status_code == 200
+        except httpx.TransportError:
+            return False
 
     def stop(self, timeout: float = 15.0) -> int | None:
         """SIGTERM by PID and wait (bounded) for the exit; SIGKILL as a last resort.
@@ -108,18 +96,11 @@ class ExampleServer:
         if proc is None:
             return None
         try:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(timeout)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait(5)
-                    pytest.fail(
-                        f"example app ignored SIGTERM for {timeout} s:\n"
-                        f"{self.log_tail()}",
-                        pytrace=False,
-                    )
+            if stop_process(proc, timeout):
+                pytest.fail(
+                    f"example app ignored SIGTERM for {timeout} s:\n{self.log_tail()}",
+                    pytrace=False,
+                )
             return proc.returncode
         finally:
             self._close_log()

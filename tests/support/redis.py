@@ -41,6 +41,12 @@ from collections.abc import Sequence
 
 import pytest
 
+from tests.support.servers import ExitedEarly
+from tests.support.servers import free_port
+from tests.support.servers import report_on_failure
+from tests.support.servers import stop_process
+from tests.support.servers import wait_started
+
 if t.TYPE_CHECKING:
     import redis
     from flask import Flask
@@ -60,12 +66,6 @@ __all__ = [
 ]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
-
-
 class RedisServer:
     """``redis-server`` in a subprocess on ``127.0.0.1:port``."""
 
@@ -80,7 +80,7 @@ class RedisServer:
         self.binary = binary
         self.appendonly = appendonly
         self.extra = list(extra)
-        self.port = port or _free_port()
+        self.port = port or free_port()
         self._tmp = tempfile.TemporaryDirectory(prefix="eventstream-redis-")
         self.dir = self._tmp.name
         self.log_path = os.path.join(self.dir, "redis.log")
@@ -132,19 +132,11 @@ class RedisServer:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(
-                    f"redis-server exited with {self.proc.returncode}:\n{self.log()}"
-                )
-            if self._ping():
-                return self
-            if time.monotonic() > deadline:
-                raise TimeoutError(
-                    f"redis-server did not answer within {timeout}s:\n{self.log()}"
-                )
-            time.sleep(0.02)
+        try:
+            wait_started(self.proc, self._ping, timeout, 0.02, "redis-server")
+        except (ExitedEarly, TimeoutError) as e:
+            raise type(e)(f"{e}:\n{self.log()}") from None
+        return self
 
     def _ping(self) -> bool:
         try:
@@ -160,14 +152,9 @@ class RedisServer:
         """SIGTERM (Redis writes its AOF and exits) or SIGKILL; then wait
         until the port is free to bind again."""
         proc = self.proc
-        if proc is None or proc.poll() is not None:
+        if proc is None:
             return
-        proc.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+        stop_process(proc, timeout, signal.SIGKILL if kill else signal.SIGTERM)
 
     def restart(self, *, kill: bool = False) -> None:
         self.stop(kill=kill)
@@ -285,6 +272,13 @@ class Publisher(threading.Thread):
             )
             time.sleep(0.01)
 
+    def wait_refused(self, count: int, timeout: float) -> None:
+        """Wait until at least ``count`` POSTs were answered 503."""
+        deadline = time.monotonic() + timeout
+        while len(self.refused) < count:
+            assert time.monotonic() < deadline, "no POST got a 503"
+            time.sleep(0.01)
+
     def stop(self) -> None:
         self.stopped.set()
         self.join(30)
@@ -293,16 +287,9 @@ class Publisher(threading.Thread):
 
 _REDIS = pytest.StashKey[list[RedisServer]]()
 
-
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(
-    item: pytest.Item, call: pytest.CallInfo[None]
-) -> Iterator[None]:
-    outcome = yield
-    report = outcome.get_result()
-    if report.failed:
-        for server in item.stash.get(_REDIS, []):
-            report.sections.append((f"log of {server!r}", server.log()))
+pytest_runtest_makereport = report_on_failure(
+    _REDIS, lambda server: (f"log of {server!r}", server.log())
+)
 
 
 @pytest.fixture

@@ -41,7 +41,12 @@ from collections.abc import Iterator
 from collections.abc import Sequence
 
 import pytest
+from flask import Flask
+from flask import request
 
+from flask_eventstream import Event
+from flask_eventstream import EventStream
+from flask_eventstream import eventstream
 from flask_eventstream.testing import EventParser
 from flask_eventstream.testing import ReceivedEvent
 
@@ -54,14 +59,20 @@ GEVENT_KINDS = ("pywsgi", "gunicorn")
 __all__ = [
     "GEVENT_KINDS",
     "ChunkedDecoder",
+    "ExitedEarly",
     "SSEClient",
     "Server",
     "abort_all",
     "free_port",
+    "make_app",
     "open_clients",
     "pump",
     "raise_nofile",
+    "rec",
+    "report_on_failure",
+    "stop_process",
     "wait_for",
+    "wait_started",
 ]
 
 
@@ -94,6 +105,70 @@ def wait_for(
         if time.monotonic() >= deadline:
             raise TimeoutError(f"condition not met within {timeout}s")
         time.sleep(interval)
+
+
+def stop_process(
+    proc: subprocess.Popen[bytes], timeout: float, signum: int = signal.SIGTERM
+) -> bool:
+    """Send ``signum`` to a running ``proc`` by PID and wait up to ``timeout``
+    seconds; SIGKILL it after that. Return True if it had to be killed."""
+    if proc.poll() is not None:
+        return False
+    proc.send_signal(signum)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)
+        return True
+    return False
+
+
+class ExitedEarly(RuntimeError):
+    """The process exited before it was ready."""
+
+
+def wait_started(
+    proc: subprocess.Popen[bytes],
+    ready: Callable[[], bool],
+    timeout: float,
+    interval: float,
+    what: str,
+) -> None:
+    """Poll ``ready()`` (polling a port that is not open yet: no event to
+    await) until it is true. Raise :class:`ExitedEarly` if ``proc`` exits
+    first, ``TimeoutError`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise ExitedEarly(f"{what} exited with {proc.returncode}")
+        if ready():
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} did not answer within {timeout}s")
+        time.sleep(interval)
+
+
+# -- in-process apps (Flask's test client) --
+
+
+def make_app(**config: t.Any) -> tuple[Flask, EventStream]:
+    """An app with ``GET /s?c=<channel>...`` subscribing to the channels."""
+    app = Flask(__name__)
+    app.config.update(config)
+    ext = EventStream(app)
+
+    @app.get("/s")
+    @eventstream
+    def s() -> t.Any:
+        return ext.subscribe(*request.args.getlist("c"))
+
+    return app, ext
+
+
+def rec(event: Event) -> ReceivedEvent:
+    """What a client receives for a published event."""
+    return ReceivedEvent(event.event or "message", event.text, t.cast(str, event.id))
 
 
 # -- servers --
@@ -190,25 +265,19 @@ class Server:
             stdout=self._stderr,
             stderr=self._stderr,
         )
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(
-                    f"{self.kind} server exited with {self.proc.returncode}"
-                    f" before it answered:\n{self.stderr()}"
-                )
-            try:
-                status, _ = self.request("GET", "/healthz", timeout=1.0)
-            except OSError:
-                status = 0
-            if status == 200:
-                return self
-            if time.monotonic() > deadline:
-                raise TimeoutError(
-                    f"{self.kind} server did not answer /healthz within"
-                    f" {timeout}s:\n{self.stderr()}"
-                )
-            time.sleep(0.05)
+        what = f"{self.kind} server"
+        try:
+            wait_started(self.proc, self._healthy, timeout, 0.05, what)
+        except (ExitedEarly, TimeoutError) as e:
+            raise type(e)(f"{e} (GET /healthz):\n{self.stderr()}") from None
+        return self
+
+    def _healthy(self) -> bool:
+        try:
+            status, _ = self.request("GET", "/healthz", timeout=1.0)
+        except OSError:
+            return False
+        return status == 200
 
     def children(self) -> list[int]:
         """PIDs of the server's child processes (gunicorn's workers)."""
@@ -247,13 +316,7 @@ class Server:
         if proc is None:
             return
         kids = self.children()
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
+        stop_process(proc, timeout)
         self.returncode = proc.returncode
         for pid in kids:
             with contextlib.suppress(OSError):
@@ -338,20 +401,37 @@ class Server:
         return f"<Server {self.kind} {self.app} :{self.port}>"
 
 
+_T = t.TypeVar("_T")
+
+
+def report_on_failure(
+    key: pytest.StashKey[list[_T]], section: Callable[[_T], tuple[str, str]]
+) -> Callable[..., Iterator[None]]:
+    """A ``pytest_runtest_makereport`` hook wrapper that adds ``section(x)``
+    to a failed test's report for each ``x`` in ``item.stash[key]``."""
+
+    @pytest.hookimpl(hookwrapper=True)
+    def pytest_runtest_makereport(
+        item: pytest.Item, call: pytest.CallInfo[None]
+    ) -> Iterator[None]:
+        outcome = yield
+        report = outcome.get_result()
+        if report.failed:
+            for x in item.stash.get(key, []):
+                report.sections.append(section(x))
+
+    return pytest_runtest_makereport
+
+
 _SERVERS = pytest.StashKey[list[Server]]()
 
-
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(
-    item: pytest.Item, call: pytest.CallInfo[None]
-) -> Iterator[None]:
-    outcome = yield
-    report = outcome.get_result()
-    if report.failed:
-        for server in item.stash.get(_SERVERS, []):
-            report.sections.append(
-                (f"stderr of {server!r} (exit {server.returncode})", server.stderr())
-            )
+pytest_runtest_makereport = report_on_failure(
+    _SERVERS,
+    lambda server: (
+        f"stderr of {server!r} (exit {server.returncode})",
+        server.stderr(),
+    ),
+)
 
 
 @pytest.fixture
