@@ -152,10 +152,9 @@ class Connection:
         self._stop_watch = self._cancel_kill = None
         state = self.state
         state.watchdog.discard(self)
-        channels: dict[str, None] = {}
+        channels = self._channels()
         for sub in self.subscriptions:
             sub.close()
-            channels.update(dict.fromkeys(sub.channels))
         self.subscriptions.clear()
         state.live.discard(self)
         log.debug(
@@ -167,7 +166,7 @@ class Connection:
         if not self.started:
             return
         state.send_disconnected(
-            channels=tuple(channels),
+            channels=channels,
             connection_id=self.id,
             remote_addr=self.remote_addr,
             reason=self.reason,
@@ -181,22 +180,23 @@ class Connection:
             timeout = min(timeout, self.deadline - now)
         return max(timeout, 0.0)
 
+    def _heartbeat_due(self, now: float) -> bool:
+        return now - self.last_write >= self.state.settings.heartbeat
+
+    def _expired(self, now: float) -> bool:
+        return self.deadline is not None and now >= self.deadline
+
     def due(self, now: float) -> bool:
         """Whether a heartbeat or the end of the stream is due (for the
         watchdog's sweep, which wakes such streams on gevent)."""
-        deadline = self.deadline
-        return now - self.last_write >= self.state.settings.heartbeat or (
-            deadline is not None and now >= deadline
-        )
+        return self._heartbeat_due(now) or self._expired(now)
 
     def _idle(self, now: float) -> Frame | None:
         """With nothing to send: end at the deadline, or a heartbeat."""
-        if self.deadline is not None and now >= self.deadline:
+        if self._expired(now):
             self.end("lifetime")
             return None
-        if now - self.last_write >= self.state.settings.heartbeat:
-            return _HEARTBEAT
-        return None
+        return _HEARTBEAT if self._heartbeat_due(now) else None
 
     def sleep(self, seconds: float) -> None:
         """Sleep, returning early if the stream is told to end or reaches its
@@ -205,7 +205,7 @@ class Connection:
         waker = self.waker
         while not self.closed:
             now = time.monotonic()
-            if self.deadline is not None and now >= self.deadline:
+            if self._expired(now):
                 self.end("lifetime")
                 return
             until = end if self.deadline is None else min(end, self.deadline)
@@ -301,9 +301,7 @@ class Connection:
         if type(item) is Frame:
             return item.data
         if item is None:
-            if time.monotonic() - self.last_write >= self.state.settings.heartbeat:
-                return HEARTBEAT
-            return None
+            return HEARTBEAT if self._heartbeat_due(time.monotonic()) else None
         if not isinstance(item, Event):
             item = Event(data=item)
         return self.state.broker.encode(item, None).data

@@ -80,11 +80,8 @@ class MemoryBackend:
             self._broker.connect(sub)
 
     def _missed(self, channels: tuple[str, ...], last: Key) -> list[Frame]:
-        reason = None
-        if last < self._start:
-            reason = "unknown"
-        elif last > self._last:
-            reason = "unknown"
+        # Older than this process, or newer than anything it assigned.
+        reason = "unknown" if last < self._start or last > self._last else None
         streams = []
         for name in channels:
             state = self._channels.get(name)
