@@ -24,6 +24,13 @@ def ratio(a: float | None, b: float | None) -> float | None:
     return round(a / b, 3)
 
 
+def side_by_side(
+    label: str, lib: t.Mapping[str, t.Any], base: t.Mapping[str, t.Any], key: str
+) -> Row:
+    """A table row: ``key`` of the library, of the baseline, and their ratio."""
+    return (label, lib[key], base[key], ratio(lib[key], base[key]))
+
+
 def fmt(value: t.Any) -> str:
     if value is None:
         return "-"

@@ -36,6 +36,7 @@ from benchmarks import report  # noqa: E402
 from benchmarks import servers  # noqa: E402
 from benchmarks.report import ratio  # noqa: E402
 from benchmarks.report import Row  # noqa: E402
+from benchmarks.report import side_by_side  # noqa: E402
 
 MEASUREMENTS = ("connections", "fanout", "throughput", "cleanup", "redis")
 KINDS = ("library", "baseline")
@@ -182,24 +183,9 @@ class Suite:
                     base["rss_per_stream_kb"],
                     rec["ratio"]["rss_per_stream_kb"],
                 ),
-                (
-                    "idle server RSS (MB)",
-                    lib["idle_rss_mb"],
-                    base["idle_rss_mb"],
-                    ratio(lib["idle_rss_mb"], base["idle_rss_mb"]),
-                ),
-                (
-                    "RSS with streams (MB)",
-                    lib["rss_mb"],
-                    base["rss_mb"],
-                    ratio(lib["rss_mb"], base["rss_mb"]),
-                ),
-                (
-                    "open rate (streams/s)",
-                    lib["open_rate"],
-                    base["open_rate"],
-                    ratio(lib["open_rate"], base["open_rate"]),
-                ),
+                side_by_side("idle server RSS (MB)", lib, base, "idle_rss_mb"),
+                side_by_side("RSS with streams (MB)", lib, base, "rss_mb"),
+                side_by_side("open rate (streams/s)", lib, base, "open_rate"),
             ]
             self.emit(rec, f"connections: {n:,} idle streams", rows)
 
@@ -283,12 +269,7 @@ class Suite:
                 k: ratio(lib[k], base[k]) for k in ("p50_ms", "p99_ms", "max_ms")
             }
             rows: list[Row] = [
-                (
-                    "subscribers served",
-                    lib["served"],
-                    base["served"],
-                    ratio(lib["served"], base["served"]),
-                ),
+                side_by_side("subscribers served", lib, base, "served"),
                 ("p50 (ms)", lib["p50_ms"], base["p50_ms"], rec["ratio"]["p50_ms"]),
                 ("p99 (ms)", lib["p99_ms"], base["p99_ms"], rec["ratio"]["p99_ms"]),
                 ("max (ms)", lib["max_ms"], base["max_ms"], rec["ratio"]["max_ms"]),
@@ -304,17 +285,9 @@ class Suite:
                     _join(base, "p99_ms"),
                     None,
                 ),
-                (
-                    "publish POST p50 (ms)",
-                    lib["publish_rtt_p50_ms"],
-                    base["publish_rtt_p50_ms"],
-                    ratio(lib["publish_rtt_p50_ms"], base["publish_rtt_p50_ms"]),
-                ),
-                (
-                    "server CPU (s) over all rounds",
-                    lib["server_cpu_s"],
-                    base["server_cpu_s"],
-                    ratio(lib["server_cpu_s"], base["server_cpu_s"]),
+                side_by_side("publish POST p50 (ms)", lib, base, "publish_rtt_p50_ms"),
+                side_by_side(
+                    "server CPU (s) over all rounds", lib, base, "server_cpu_s"
                 ),
             ]
             rows.append(
