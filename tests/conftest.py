@@ -16,6 +16,7 @@ from flask_eventstream.views import Connection
 pytest_plugins = [
     "tests.support.servers",
     "tests.support.redis",
+    "tests.support.rcluster",
     "tests.support.browser",
 ]
 
