@@ -100,9 +100,10 @@ class Backend(t.Protocol):
         """Assign the id, store history, deliver; return the event with its id."""
         ...
 
-    def attach(self, sub: Subscription, last: Key | None) -> None:
+    def attach(self, sub: Subscription, last_id: str | None) -> None:
         """Register ``sub`` for live events and queue what it missed after
-        ``last`` (with a reset marker if that cannot be done exactly)."""
+        the client's ``last_id`` (as the client sent it; with a reset marker
+        if that cannot be done exactly)."""
         ...
 
     def detach(self, sub: Subscription) -> None: ...
@@ -131,6 +132,7 @@ class Subscription:
         "overflowed",
         "closed",
         "woken",
+        "relabel",
         "_queue",
         "_limit",
         "_waker",
@@ -154,6 +156,9 @@ class Subscription:
         #: Set when the waker was set for frames not yet drained; spares a
         #: wake-up per event for a subscriber that is already awake.
         self.woken = False
+        #: Set by a backend whose event ids depend on the subscription (one
+        #: position per channel): gives each live frame its id.
+        self.relabel: t.Callable[[Frame], Frame] | None = None
         # A list, not a deque: an idle subscriber's empty list is 56 bytes,
         # an empty deque about 600. drain() takes a slice and deletes it,
         # each one atomic under the GIL, so publishing threads lose nothing.
@@ -171,6 +176,8 @@ class Subscription:
         floor = self.floor
         if floor is not None and frame.key is not None and frame.key <= floor:
             return
+        if self.relabel is not None:
+            frame = self.relabel(frame)
         queue = self._queue
         if len(queue) >= self._limit:
             # Cut off: release the backlog now; the client resumes from
@@ -313,11 +320,17 @@ class Broker:
         return Frame(data, key)
 
     def fanout(self, channel: str, frame: Frame, event: Event) -> None:
-        """Hand ``frame`` to every local subscriber of ``channel``."""
-        if channel in self._fanouts:
-            self._signal.send(channel, frame=frame)
+        """Hand ``frame`` to every local subscriber of ``channel``, then
+        announce ``event``."""
+        self.deliver(channel, frame)
         if self.on_delivered is not None:
             self.on_delivered(channel, event)
+
+    def deliver(self, channel: str, frame: Frame) -> None:
+        """Hand ``frame`` to every local subscriber of ``channel``; runs no
+        user code, so a backend may call it with its lock held."""
+        if channel in self._fanouts:
+            self._signal.send(channel, frame=frame)
 
     def connect(self, sub: Subscription) -> None:
         """Register ``sub`` for live frames (backends call this in attach)."""
@@ -359,7 +372,7 @@ class Broker:
             validate_channel(channel)
         channels = tuple(dict.fromkeys(channels))
         sub = Subscription(self, channels, waker, self.queue_size, follow)
-        self.backend.attach(sub, parse_id(last_id))
+        self.backend.attach(sub, last_id)
         return sub
 
     def detach(self, sub: Subscription) -> None:

@@ -13,6 +13,7 @@ from ..broker import Broker
 from ..broker import format_id
 from ..broker import Frame
 from ..broker import Key
+from ..broker import parse_id
 from ..broker import reset_frame
 from ..broker import Subscription
 from ..sse import Event
@@ -73,7 +74,8 @@ class MemoryBackend:
             self._broker.fanout(channel, frame, event)
         return event
 
-    def attach(self, sub: Subscription, last: Key | None) -> None:
+    def attach(self, sub: Subscription, last_id: str | None) -> None:
+        last = parse_id(last_id)
         with self._lock:
             if last is not None:
                 sub.replay(self._missed(sub.channels, last))

@@ -1,39 +1,42 @@
-"""The Redis backend: every process that shares a Redis server shares channels.
+"""The Redis backend: every process that shares a Redis server, or a Redis
+Cluster, shares channels.
 
-Each channel is a Redis Stream, ``eventstream:<channel>``, trimmed to about
-``EVENTSTREAM_HISTORY`` entries. An event's SSE id is its stream entry id,
-``<milliseconds>-<sequence>``. The ids are assigned by a Lua script from one
-counter for the whole server (the hash ``eventstream:~meta``), so they
-increase in publish order across all channels: one id resumes a
-subscription to any set of channels, and an id tells in which order two
-events on different channels were published.
+Each channel is one Redis stream, ``<prefix>{<channel>}``: the braces make
+the channel name the key's hash tag, so everything the library does with a
+channel touches one key in one slot, and a Redis Cluster spreads channels
+over its masters. A single server is the same code with one shard.
 
-Each entry carries the id of the previous entry of its stream (field ``p``).
-When the first entry newer than a client's id says that its predecessor is
-newer than the client's id too, that predecessor was trimmed away: the client
-gets an ``eventstream-reset``. The reader uses the same field to notice that
-it fell behind the trimming, and cuts off the streams that missed events so
-that they resume (and are told).
+Positions are per channel (:mod:`.positions`): a stream entry's id is
+``<epoch>-<offset>``, the epoch being the time at which the channel's
+history was created and the offset counting its events from 1. Ids increase
+in publish order per channel; there is no order across channels, and no key
+that every publish touches. An event's SSE id is the channel's position for
+a stream on one channel, and every channel's position for a stream on
+several (so each such stream gets its own id line).
 
-A process holds at most three connections, however many clients it serves:
+``publish()`` runs one Lua script on the channel's key: it adds the entry
+(``XADD <epoch>-*``) and ``SPUBLISH``\\ es it on the shard channel of the
+same name, in the same slot. Each entry carries a token so that a retried
+publish never adds an event twice.
 
-- one *reader* (a greenlet when sockets are gevent's, else a daemon thread)
-  that ``XREAD BLOCK``\\ s every channel with local subscribers and hands
-  each entry, encoded once, to the broker's local fan-out;
-- a pool of at most two for publishing, the subscribe bookkeeping, and
-  ``CLIENT UNBLOCK`` to wake the reader when a subscription needs it (under
-  gevent, one such pool per OS thread that publishes: a gevent socket
-  belongs to the hub of one thread).
+A process holds at most three connections to each master:
 
-The scripts touch several keys at once, so a Redis Cluster is not supported;
-a single server (with replicas) is.
+- one *reader* per master that has channels with local subscribers: it
+  ``SSUBSCRIBE``\\ s to those channels' shard channels and hands each event,
+  encoded once, to the local subscribers (a greenlet when sockets are
+  gevent's, else a daemon thread);
+- a pool of at most two for publishing and bookkeeping (under gevent, one
+  such pool per OS thread that publishes: a gevent socket belongs to the hub
+  of one thread).
 
-A subscription is registered by the reader between two reads: it reads, in
-one atomic script call, the counter and every entry of the subscription's
-channels newer than its position (the client's ``Last-Event-ID``, or for a new
-client the counter when it subscribed), queues those, and connects the
-subscription for live events with a floor at the counter, so that an entry
-is neither missed nor sent twice.
+A *manager* (one greenlet or thread per process) does the bookkeeping: it
+routes channels to readers by slot, and brings each channel *live* by
+reading its stream after the last position handed out (after a reconnection,
+a failover, a slot that moved, or a gap in the offsets). While a channel is
+not live its messages wait in a buffer. A subscription is registered once
+its channels are live, with what it missed read from the streams and
+replayed up to the position from which live events reach it, so nothing is
+missed or sent twice.
 
 Nothing else in the package imports :mod:`redis`; this module is imported
 only when a Redis URL is configured.
@@ -42,7 +45,8 @@ only when a Redis URL is configured.
 from __future__ import annotations
 
 import dataclasses
-import heapq
+import functools
+import json
 import logging
 import os
 import secrets
@@ -52,165 +56,351 @@ import typing as t
 import urllib.parse
 
 import redis
+import redis.cluster
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import MovedError
 from redis.exceptions import RedisError
-from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
 from .. import _gevent
 from ..broker import Broker
-from ..broker import format_id
 from ..broker import Frame
-from ..broker import Key
-from ..broker import parse_id
-from ..broker import reset_frame
 from ..broker import Subscription
 from ..broker import Waker
 from ..exceptions import PublishError
 from ..sse import encode
 from ..sse import Event
+from .positions import Entry
+from .positions import format_position
+from .positions import format_positions
+from .positions import parse_positions
+from .positions import plan_replay
+from .positions import Position
+from .positions import Snapshot
+from .positions import Stale
 
 __all__ = ["RedisBackend"]
 
 log = logging.getLogger(__name__)
 
-#: Keys: ``PREFIX + channel`` for streams, ``PREFIX + "~meta"`` for the
-#: counter ("~" cannot appear in a channel name).
+#: Keys: ``PREFIX + "{" + channel + "}"``.
 PREFIX = "eventstream:"
 
 #: Publishing retries for about this long (seconds) before PublishError.
 PUBLISH_RETRY_TIME = 1.0
-#: Connection timeouts of the publishing pool (seconds).
+#: Connection timeouts (seconds).
 CONNECT_TIMEOUT = 0.5
 COMMAND_TIMEOUT = 2.0
 #: Longest wait for a free pooled connection (seconds).
 POOL_TIMEOUT = 1.0
-#: The reader's XREAD BLOCK, in milliseconds; it is woken earlier with
-#: CLIENT UNBLOCK when a new subscription needs it.
-BLOCK_MS = 5000
-#: The same, where CLIENT UNBLOCK is not allowed (ACLs).
-BLOCK_MS_NO_UNBLOCK = 100
-#: Reconnection delays of the reader (seconds).
-READER_BACKOFF = (0.05, 1.0)
-#: An idle reader (no subscriptions) closes its connection after this.
-READER_IDLE = 30.0
-#: A stream opened while Redis is unreachable gets the events published from
-#: this long (ms) before its estimate of Redis' clock: those published after
-#: Redis came back and before the reader did.
-OUTAGE_MARGIN_MS = 2000
-#: A placeholder id as long as real ones, to check the encoded size.
-_SIZE_ID = "1700000000000-0000000"
+#: A reader that heard nothing for this long (seconds) PINGs its master, and
+#: reconnects if that gets no answer within as long again.
+READER_PING = 5.0
+#: Reconnection delays of readers and the manager (seconds).
+BACKOFF = (0.05, 1.0)
+#: Readers and the manager of a process without subscriptions stop after this.
+IDLE = 30.0
+#: Messages buffered per channel while it is brought live.
+BUFFER_LIMIT = 10000
+#: A placeholder id as long as a real one, to check the encoded size.
+_SIZE_ID = "mil5tqqr.1000000000"
 
-# Publish one event. KEYS: stream, meta. ARGV: maxlen, token, retry flag,
-# then field/value pairs. The id continues the server-wide counter (or this
-# stream's newest entry, and starts a new epoch, if the counter was lost).
-# On a retry, an entry of the last minute carrying the same token means the
-# first attempt went through: its id is returned and nothing is added.
+# Publish one event. KEYS: the stream (also the shard channel). ARGV: maxlen,
+# token, retry flag, then field/value pairs. The entry id is <epoch>-<offset>:
+# the epoch of the newest entry, or the server's time for a new history.
+# On a retry, an entry carrying the same token among the retained ones means
+# the first attempt went through: its id is returned and nothing is added.
 _PUBLISH = """
-local tm = redis.call('TIME')
-local now = tonumber(tm[1]) * 1000 + math.floor(tonumber(tm[2]) / 1000)
-if ARGV[3] == '1' then
-  local recent = redis.call('XRANGE', KEYS[1], string.format('%.0f', now - 60000), '+')
-  for i = #recent, 1, -1 do
+local top = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)[1]
+if ARGV[3] == '1' and top then
+  local recent = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', ARGV[1])
+  for i = 1, #recent do
     local f = recent[i][2]
     for j = 1, #f, 2 do
       if f[j] == 't' and f[j + 1] == ARGV[2] then return recent[i][1] end
     end
   end
 end
-local ms, seq = now, 0
-local top = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)[1]
-local prev = ''
-if top then prev = top[1] end
-local last = redis.call('HGET', KEYS[2], 'last')
-for _, after in ipairs({last or '', prev}) do
-  if after ~= '' then
-    local ams, aseq = string.match(after, '^(%d+)-(%d+)$')
-    ams, aseq = tonumber(ams), tonumber(aseq)
-    if ms < ams or (ms == ams and seq <= aseq) then ms, seq = ams, aseq + 1 end
-  end
+local tm = redis.call('TIME')
+local now = tonumber(tm[1]) * 1000 + math.floor(tonumber(tm[2]) / 1000)
+now = string.format('%.0f', now)
+local id
+if top then
+  id = string.match(top[1], '^(%d+)-') .. '-*'
+else
+  id = now .. '-1'
 end
-local id = string.format('%.0f-%.0f', ms, seq)
-if not last then redis.call('HSET', KEYS[2], 'epoch', id) end
-redis.call('HSET', KEYS[2], 'last', id)
-local cmd = {'XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], id, 't', ARGV[2], 'p', prev}
-for i = 4, #ARGV do cmd[#cmd + 1] = ARGV[i] end
-redis.call(unpack(cmd))
+local cmd = {'XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], id, 't', ARGV[2], 'w', now}
+local msg = {'', now}
+for i = 4, #ARGV do
+  cmd[#cmd + 1] = ARGV[i]
+  msg[#msg + 1] = ARGV[i]
+end
+id = redis.call(unpack(cmd))
+msg[1] = id
+redis.call('SPUBLISH', KEYS[1], cjson.encode(msg))
 return id
 """
 
-# A consistent snapshot for registering subscriptions. KEYS: meta, then
-# streams; ARGV: the first id wanted from each stream. Returns the counter,
-# the epoch, the server time in ms, then the entries of each stream.
+# A channel's history after a position. KEYS: the stream. ARGV: epoch,
+# offset ('' for the newest entry only). Returns the newest id, the oldest
+# id, and the entries after <epoch>-<offset> (all of them if the epoch is
+# not the history's).
 _SNAPSHOT = """
-local meta = redis.call('HMGET', KEYS[1], 'last', 'epoch')
-local tm = redis.call('TIME')
-local now = tonumber(tm[1]) * 1000 + math.floor(tonumber(tm[2]) / 1000)
-local out = {meta[1], meta[2], string.format('%.0f', now)}
-for i = 2, #KEYS do
-  out[#out + 1] = redis.call('XRANGE', KEYS[i], ARGV[i - 1], '+')
-end
+local top = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)[1]
+if not top then return {} end
+local first = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 1)[1]
+local out = {top[1], first[1]}
+if ARGV[2] == '' then return out end
+local epoch = string.match(top[1], '^(%d+)-')
+local start = '-'
+if ARGV[1] == epoch then start = '(' .. epoch .. '-' .. ARGV[2] end
+out[3] = redis.call('XRANGE', KEYS[1], start, '+')
 return out
 """
 
-# The newest id published; with none, one just before the server's clock.
-# KEYS: meta.
-_COUNTER = """
-local last = redis.call('HGET', KEYS[1], 'last')
-if last then return last end
-local tm = redis.call('TIME')
-local now = tonumber(tm[1]) * 1000 + math.floor(tonumber(tm[2]) / 1000)
-return string.format('%.0f-0', now - 1)
-"""
 
-#: A stream entry as read: (key, channel, id, fields).
-_Entry = tuple[Key, str, str, dict[bytes, bytes]]
+def _position(raw: bytes | str) -> Position:
+    text = raw.decode("ascii") if isinstance(raw, bytes) else raw
+    epoch, offset = text.split("-")
+    return Position(int(epoch), int(offset))
 
 
-def _first(entry: _Entry) -> Key:
-    return entry[0]
+def _fields(raw: list[t.Any]) -> dict[str, str]:
+    items = [x.decode("utf-8") if isinstance(x, bytes) else str(x) for x in raw]
+    return dict(zip(items[::2], items[1::2], strict=True))
 
 
-def _next_id(key: Key) -> str:
-    """The smallest id after ``key``, as XRANGE's inclusive start."""
-    ms, seq = key
-    if seq >= 2**64 - 1:
-        return f"{ms + 1}-0"
-    return f"{ms}-{seq + 1}"
-
-
-def _key(value: bytes | str | None) -> Key | None:
-    if value is None:
+def _event(position: Position, fields: dict[str, str], single: bool) -> Event | None:
+    try:
+        retry = fields.get("r")
+        return Event(
+            data=fields.get("d", ""),
+            event=fields.get("e"),
+            id=format_position(position) if single else None,
+            retry=int(retry) if retry is not None else None,
+            comment=fields.get("c"),
+        )
+    except (ValueError, TypeError) as e:
+        log.error("Skipping malformed stream entry %s: %s", position, e)
         return None
-    if isinstance(value, bytes):
-        value = value.decode("ascii", "replace")
-    return parse_id(value)
 
 
-def _where(url: str) -> str:
-    """The URL without credentials, for messages."""
+class _Frame(Frame):
+    """An event of one channel: its bytes with the channel's position as id,
+    and what a stream on several channels needs to give it its own id."""
+
+    __slots__ = ("channel", "position", "event", "_bare")
+
+    def __init__(self, channel: str, position: Position, event: Event) -> None:
+        super().__init__(encode(event))
+        self.channel = channel
+        self.position = position
+        self.event = event
+        self._bare: bytes | None = None
+
+    def bare(self) -> bytes:
+        """The event without an id line."""
+        if self._bare is None:
+            self._bare = encode(dataclasses.replace(self.event, id=None))
+        return self._bare
+
+
+class _Ids:
+    """Gives the frames of a stream on several channels an id with every
+    channel's position (installed as the subscription's relabel hook; the
+    readers deliver under the backend's lock, so one at a time)."""
+
+    __slots__ = ("channels", "positions")
+
+    def __init__(self, channels: tuple[str, ...], positions: dict[str, Position]):
+        self.channels = channels
+        self.positions = positions
+
+    def __call__(self, frame: Frame) -> Frame:
+        if not isinstance(frame, _Frame):
+            return frame
+        self.positions[frame.channel] = frame.position
+        return Frame(self.label(frame.bare()))
+
+    def label(self, bare: bytes) -> bytes:
+        value = format_positions(self.channels, self.positions)
+        return b"id: " + value.encode("ascii") + b"\n" + bare
+
+
+# -- where Redis is --
+
+
+@dataclasses.dataclass
+class _Target:
+    """A parsed URL: one server, or the seed nodes of a cluster."""
+
+    cluster: bool
+    url: str
+    nodes: list[tuple[str, int]]
+    options: dict[str, t.Any]
+    where: str
+
+
+def _parse_url(url: str) -> _Target:
     parts = urllib.parse.urlsplit(url)
-    host = parts.hostname or parts.path or "localhost"
-    port = f":{parts.port}" if parts.port else ""
-    return f"{parts.scheme}://{host}{port}{parts.path if parts.hostname else ''}"
+    scheme = parts.scheme.lower()
+    if scheme not in ("redis+cluster", "rediss+cluster"):
+        host = parts.hostname or parts.path or "localhost"
+        port = f":{parts.port}" if parts.port else ""
+        path = parts.path if parts.hostname else ""
+        return _Target(False, url, [], {}, f"{scheme}://{host}{port}{path}")
+    nodes: list[tuple[str, int]] = []
+    netloc = parts.netloc.rpartition("@")[2]
+    for item in netloc.split(","):
+        host, sep, port = item.rpartition(":")
+        if not sep or not host or not port.isdigit():
+            raise ValueError(
+                f"EVENTSTREAM_REDIS_URL: {scheme}:// needs host:port pairs"
+                f" separated by commas, not {item!r}"
+            )
+        nodes.append((host.strip("[]"), int(port)))
+    options: dict[str, t.Any] = {}
+    if parts.username:
+        options["username"] = urllib.parse.unquote(parts.username)
+    if parts.password:
+        options["password"] = urllib.parse.unquote(parts.password)
+    if scheme == "rediss+cluster":
+        options["ssl"] = True
+    where = f"{scheme}://" + ",".join(f"{h}:{p}" for h, p in nodes)
+    return _Target(True, url, nodes, options, where)
+
+
+class _Shards:
+    """The publishing client of one OS thread, and where each key lives."""
+
+    def __init__(self, target: _Target, options: dict[str, t.Any]) -> None:
+        self.target = target
+        self.client: t.Any
+        if target.cluster:
+            cluster: t.Any = redis.cluster
+            self.client = cluster.RedisCluster(
+                startup_nodes=[cluster.ClusterNode(h, p) for h, p in target.nodes],
+                connection_pool_class=redis.BlockingConnectionPool,
+                max_connections=2,
+                timeout=POOL_TIMEOUT,
+                # Redirections are followed; failures are ours to retry.
+                retry=Retry(NoBackoff(), 0),
+                **target.options,
+                **options,
+            )
+        else:
+            pool = redis.BlockingConnectionPool.from_url(
+                target.url, max_connections=2, timeout=POOL_TIMEOUT, **options
+            )
+            self.client = redis.Redis(connection_pool=pool)
+
+    def node_of(self, key: str) -> str:
+        """The name (``host:port``) of the master that serves ``key``."""
+        if not self.target.cluster:
+            return "main"
+        client = self.client
+        node = client.nodes_manager.get_node_from_slot(client.keyslot(key))
+        return str(node.name)
+
+    def refresh(self) -> None:
+        """Ask the cluster again which master serves which slots."""
+        if self.target.cluster:
+            self.client.nodes_manager.initialize()
+
+    def connection(self, node: str, name: str) -> t.Any:
+        """A new connection to ``node``, for a reader."""
+        if self.target.cluster:
+            found = self.client.get_node(node_name=node)
+            if found is None:
+                raise RedisConnectionError(f"{node} is no longer in the cluster")
+            pool = self.client.get_redis_connection(found).connection_pool
+        else:
+            pool = self.client.connection_pool
+        kwargs = dict(pool.connection_kwargs)
+        # A plain RESP2 connection: pushes other than ours are not wanted.
+        for name in list(kwargs):
+            if name == "redis_connect_func" or "maint_notifications" in name:
+                del kwargs[name]
+        kwargs.update(
+            protocol=2,
+            client_name=name,
+            socket_timeout=READER_PING * 2 + 1,
+            retry=Retry(NoBackoff(), 0),
+        )
+        conn: t.Any = pool.connection_class(**kwargs)
+        return conn
+
+    def disconnect(self) -> None:
+        if self.target.cluster:
+            self.client.close()
+        else:
+            self.client.connection_pool.disconnect()
+
+
+# -- per-process state --
+
+
+class _Channel:
+    """A channel with local subscribers."""
+
+    __slots__ = (
+        "name",
+        "key",
+        "subs",
+        "position",
+        "node",
+        "confirmed",
+        "live",
+        "buffer",
+    )
+
+    def __init__(self, name: str, key: str) -> None:
+        self.name = name
+        self.key = key
+        self.subs: set[Subscription] = set()
+        #: The newest position handed out; None until first brought live.
+        self.position: Position | None = None
+        #: The master it is (being) subscribed on; None: to route.
+        self.node: str | None = None
+        #: The reader's SSUBSCRIBE was confirmed.
+        self.confirmed = False
+        #: Messages go straight to subscribers.
+        self.live = False
+        #: Messages that came while not live: (position, time, fields).
+        self.buffer: list[tuple[Position, int, dict[str, str]]] = []
 
 
 @dataclasses.dataclass
 class _Pending:
     sub: Subscription
-    #: Send what follows this id; None: what follows the counter at registration.
-    since: Key | None
+    #: Per channel, what to send after (None: from when it is registered).
+    since: dict[str, Position | None] | Stale
     #: The client asked to resume (a reset is possible).
     resume: bool
+    last_id: str | None
+
+
+class _Reader:
+    """The subscriber connection to one master."""
+
+    def __init__(self, node: str) -> None:
+        self.node = node
+        self.conn: t.Any | None = None
+        self.lock = threading.Lock()
+        self.running = True
+        self.idle_since: float | None = None
 
 
 class RedisBackend:
-    """A :class:`~flask_eventstream.broker.Backend` on a Redis server.
+    """A :class:`~flask_eventstream.broker.Backend` on Redis.
 
     :param broker: the broker that fans events out in this process.
-    :param url: a ``redis://`` (or ``rediss://``, ``unix://``) URL.
+    :param url: ``redis://`` (or ``rediss://``, ``unix://``) for one server,
+        ``redis+cluster://host:port[,host:port…]`` (or ``rediss+cluster://``)
+        for a Redis Cluster.
     :param history: entries kept per channel (approximately: Redis trims
         whole nodes of a stream, so a few more may be kept).
     :param prefix: the prefix of every key this backend uses.
@@ -225,14 +415,13 @@ class RedisBackend:
         prefix: str = PREFIX,
     ) -> None:
         self._broker = broker
-        self._url = url
-        self._where = _where(url)
+        self._target = _parse_url(url)
+        self._where = self._target.where
         self._history = max(history, 0)
         # Readers must find an entry before it is trimmed, even when no
         # history is kept; resume then replays nothing.
         self._maxlen = str(max(history, 1))
         self._prefix = prefix
-        self._meta = prefix + "~meta"
         self._lock = threading.Lock()
         self._closed = False
         self._reset_process()
@@ -241,61 +430,46 @@ class RedisBackend:
         """(Re)start with nothing but the configuration: at creation, and in
         a child process after a fork (gunicorn ``--preload``)."""
         self._pid = os.getpid()
-        self._clients: dict[int, redis.Redis] = {}
+        self._shards: dict[int, _Shards] = {}
         self._publish_script: t.Any = None
         self._snapshot_script: t.Any = None
-        self._counter_script: t.Any = None
-        #: Subscriptions waiting for the reader to register them.
+        self._channels: dict[str, _Channel] = {}
         self._pending: list[_Pending] = []
-        #: Registered subscriptions, per channel.
-        self._subs: dict[str, set[Subscription]] = {}
-        #: Per channel read by the reader: the id it reads after.
-        self._positions: dict[str, Key] = {}
-        #: The newest id the reader handed out.
-        self._cursor: Key = (0, 0)
-        self._generation = 0
-        self._seen = 0
-        self._reader: t.Any = None
-        self._reader_running = False
-        self._reader_id: int | None = None
+        self._readers: dict[str, _Reader] = {}
+        self._manager_running = False
         self._wakeup: Waker | None = None
-        self._unblock = True
-        #: Redis' clock when last seen: (milliseconds, local monotonic time).
-        self._clock: tuple[int, float] | None = None
+        self._refresh = False
+
+    def _key(self, channel: str) -> str:
+        return f"{self._prefix}{{{channel}}}"
 
     # -- connections --
 
-    def _options(self, name: str, **kwargs: t.Any) -> dict[str, t.Any]:
+    def _options(self, role: str, **kwargs: t.Any) -> dict[str, t.Any]:
         kwargs.setdefault("socket_connect_timeout", CONNECT_TIMEOUT)
-        kwargs.update(
+        kwargs.update(client_name=f"flask-eventstream:{role}:{os.getpid()}")
+        if not self._target.cluster:
             # Retries are ours: bounded, and only where they cannot duplicate.
-            retry=Retry(NoBackoff(), 0),
-            client_name=f"flask-eventstream:{name}:{os.getpid()}",
-        )
+            kwargs["retry"] = Retry(NoBackoff(), 0)
         return kwargs
 
-    def _redis(self) -> redis.Redis:
+    def _client(self) -> _Shards:
         """The publishing client of this process (of this OS thread, under
         gevent: a gevent socket belongs to the hub of its thread, and a
         native thread, such as one of gevent's thread pool, has its own)."""
         if self._pid != os.getpid():
             self._reset_process()
         thread = threading.get_native_id() if _gevent.cooperative() else 0
-        client = self._clients.get(thread)
-        if client is None:
-            pool = redis.BlockingConnectionPool.from_url(
-                self._url,
-                max_connections=2,
-                timeout=POOL_TIMEOUT,
-                **self._options("pub", socket_timeout=COMMAND_TIMEOUT),
+        shards = self._shards.get(thread)
+        if shards is None:
+            shards = _Shards(
+                self._target, self._options("pub", socket_timeout=COMMAND_TIMEOUT)
             )
-            client = redis.Redis(connection_pool=pool)
             if self._publish_script is None:
-                self._publish_script = client.register_script(_PUBLISH)
-                self._snapshot_script = client.register_script(_SNAPSHOT)
-                self._counter_script = client.register_script(_COUNTER)
-            self._clients[thread] = client
-        return client
+                self._publish_script = shards.client.register_script(_PUBLISH)
+                self._snapshot_script = shards.client.register_script(_SNAPSHOT)
+            self._shards[thread] = shards
+        return shards
 
     # -- publishing --
 
@@ -304,7 +478,7 @@ class RedisBackend:
             raise PublishError("The Redis backend is closed.")
         # Validates the size with an id as long as a real one.
         self._broker.encode(dataclasses.replace(event, id=_SIZE_ID), None)
-        client = self._redis()
+        shards = self._client()
         args: list[str] = [self._maxlen, secrets.token_hex(8), "0", "d", event.text]
         if event.event is not None:
             args += ["e", event.event]
@@ -312,13 +486,13 @@ class RedisBackend:
             args += ["r", str(event.retry)]
         if event.comment is not None:
             args += ["c", event.comment]
-        keys = [self._prefix + channel, self._meta]
+        keys = [self._key(channel)]
         deadline = time.monotonic() + PUBLISH_RETRY_TIME
         # At once first: a pooled connection that Redis closed fails once.
         delay = 0.0
         while True:
             try:
-                raw = self._publish_script(keys=keys, args=args, client=client)
+                raw = self._publish_script(keys=keys, args=args, client=shards.client)
                 break
             except (RedisConnectionError, RedisTimeoutError, OSError) as e:
                 # The script may have run (a reply lost in a restart): the
@@ -333,169 +507,112 @@ class RedisBackend:
                     _gevent.sleep(delay)
                 delay = min(delay * 2, 0.4) if delay else 0.05
             except RedisError as e:
+                if _retryable(e) and time.monotonic() + delay <= deadline:
+                    args[2] = "1"
+                    _gevent.sleep(delay or 0.05)
+                    delay = min(delay * 2, 0.4) if delay else 0.05
+                    continue
                 raise PublishError(
                     f"Could not publish to channel {channel!r}: Redis at"
                     f" {self._where} refused it ({e})."
                 ) from e
-        event_id = raw.decode("ascii") if isinstance(raw, bytes) else str(raw)
-        key = parse_id(event_id)
-        if key is not None:
-            self._clock = (key[0], time.monotonic())
-        return dataclasses.replace(event, id=event_id)
-
-    def _counter(self) -> Key | None:
-        """The newest id published on this Redis, or None if it cannot be
-        reached."""
-        client = self._redis()
-        try:
-            raw = self._counter_script(keys=[self._meta], client=client)
-        except (RedisError, OSError):
-            return None
-        return _key(raw)
-
-    def _estimate(self) -> Key | None:
-        """With Redis unreachable: an id a little older than any that Redis
-        can give once it is back, from its clock when last seen."""
-        clock = self._clock
-        if clock is None:
-            return None
-        ms, at = clock
-        now = ms + int((time.monotonic() - at) * 1000)
-        return max((max(now - OUTAGE_MARGIN_MS, 0), 0), self._cursor)
+        return dataclasses.replace(event, id=format_position(_position(raw)))
 
     # -- subscribing --
 
-    def attach(self, sub: Subscription, last: Key | None) -> None:
+    def attach(self, sub: Subscription, last_id: str | None) -> None:
         if self._closed:
             raise RuntimeError("The Redis backend is closed.")
-        since = last
-        if since is None:
-            # Events published from now on are the subscriber's.
-            since = self._counter()
-            if since is None:
-                since = self._estimate()
-        with self._lock:
-            if self._pid != os.getpid():
+        if self._pid != os.getpid():
+            with self._lock:
                 self._reset_process()
-            self._pending.append(_Pending(sub, since, last is not None))
-            self._generation += 1
-            generation = self._generation
-            start = not self._reader_running
-            if start:
-                self._reader_running = True
-                self._wakeup = _gevent.background_event()
-        if start:
-            self._reader = _gevent.spawn_background(
-                self._run, "flask-eventstream redis reader"
-            )
+        parsed = parse_positions(last_id, sub.channels)
+        resume = parsed is not None
+        since: dict[str, Position | None] | Stale
+        if parsed is None:
+            # Events published from now on are the subscriber's.
+            since = self._positions_now(sub.channels)
         else:
-            self._wake(generation)
+            since = parsed
+        with self._lock:
+            self._pending.append(_Pending(sub, since, resume, last_id))
+            for channel in sub.channels:
+                if channel not in self._channels:
+                    self._channels[channel] = _Channel(channel, self._key(channel))
+            self._start_manager()
+
+    def _positions_now(self, channels: tuple[str, ...]) -> dict[str, Position | None]:
+        """Each channel's newest position (None where Redis cannot say)."""
+        now: dict[str, Position | None] = {}
+        ask: list[str] = []
+        with self._lock:
+            for channel in channels:
+                state = self._channels.get(channel)
+                if state is not None and state.live and state.position is not None:
+                    now[channel] = state.position
+                else:
+                    ask.append(channel)
+        if ask:
+            client = self._client().client
+            try:
+                pipe = client.pipeline(transaction=False)
+                for channel in ask:
+                    pipe.xrevrange(self._key(channel), count=1)
+                replies = pipe.execute()
+            except (RedisError, OSError):
+                replies = [None] * len(ask)
+            for channel, reply in zip(ask, replies, strict=True):
+                if reply is None:
+                    now[channel] = None
+                elif reply:
+                    now[channel] = _position(reply[0][0])
+                else:
+                    now[channel] = Position(0, 0)
+        return now
 
     def detach(self, sub: Subscription) -> None:
         with self._lock:
             self._pending = [p for p in self._pending if p.sub is not sub]
             connected = False
             for channel in sub.channels:
-                subs = self._subs.get(channel)
-                if subs is not None and sub in subs:
+                state = self._channels.get(channel)
+                if state is not None and sub in state.subs:
                     connected = True
-                    subs.discard(sub)
-                    if not subs:
-                        del self._subs[channel]
-            if connected:
-                self._broker.disconnect(sub)
-
-    def _wake(self, generation: int) -> None:
-        """Make the reader register pending subscriptions now."""
-        wakeup = self._wakeup
+                    state.subs.discard(sub)
+            wakeup = self._wakeup
+        if connected:
+            self._broker.disconnect(sub)
         if wakeup is not None:
             wakeup.set()
-        if not self._unblock:
+
+    def _start_manager(self) -> None:
+        """Start the manager, or wake it (with the lock held)."""
+        if self._manager_running:
+            assert self._wakeup is not None
+            self._wakeup.set()
             return
-        delay = 0.001
-        for _ in range(8):
-            reader_id = self._reader_id
-            # None: the reader is connecting, and registers before it reads.
-            if self._seen >= generation or reader_id is None:
-                return
-            try:
-                unblocked = self._redis().client_unblock(reader_id)
-            except ResponseError:
-                log.warning(
-                    "CLIENT UNBLOCK is not allowed on %s: new subscriptions"
-                    " wait for the reader to poll (every %d ms).",
-                    self._where,
-                    BLOCK_MS_NO_UNBLOCK,
-                )
-                self._unblock = False
-                return
-            except (RedisError, OSError):
-                return  # the reader reconnects, then registers
-            if unblocked:
-                return
-            # The reader is between two reads: it registers before the next
-            # one, unless that one was already on its way.
-            _gevent.sleep(delay)
-            delay *= 2
+        self._manager_running = True
+        self._wakeup = _gevent.background_event()
+        _gevent.spawn_background(self._manage, "flask-eventstream redis manager")
 
-    # -- the reader --
+    # -- the manager --
 
-    def _run(self) -> None:
+    def _manage(self) -> None:
         wakeup = self._wakeup
         assert wakeup is not None
-        reader: redis.Redis | None = None
-        #: CLIENT ID of the reader's connection, None while not connected.
-        client_id: int | None = None
         failures = 0
         idle_since: float | None = None
-
-        def disconnect() -> None:
-            nonlocal client_id
-            if self._reader_id == client_id:
-                self._reader_id = None
-            client_id = None
-            if reader is not None:
-                reader.connection_pool.disconnect()
-
         try:
             while not self._closed and self._pid == os.getpid():
+                wakeup.clear()
                 try:
-                    if reader is None:
-                        pool = redis.ConnectionPool.from_url(
-                            self._url,
-                            max_connections=1,
-                            **self._options(
-                                "reader", socket_timeout=BLOCK_MS / 1000 + 5
-                            ),
-                        )
-                        reader = redis.Redis(connection_pool=pool)
-                    if client_id is None:
-                        client_id = self._reader_id = int(reader.client_id())
-                        if failures:
-                            log.warning(
-                                "Redis at %s is back; reading events again.",
-                                self._where,
-                            )
-                        failures = 0
-                    wakeup.clear()
-                    self._register(reader)
-                    streams = self._streams()
-                    if not streams:
-                        now = time.monotonic()
-                        if idle_since is None:
-                            idle_since = now
-                        elif now - idle_since >= READER_IDLE and self._stop_idle():
-                            return
-                        wakeup.wait(READER_IDLE / 3)
-                        continue
-                    idle_since = None
-                    block = BLOCK_MS if self._unblock else BLOCK_MS_NO_UNBLOCK
-                    reply = reader.xread(t.cast(t.Any, streams), block=block)
-                    if reply:
-                        self._dispatch(reply)
+                    busy = self._step()
+                    if failures:
+                        log.warning("Redis at %s is back.", self._where)
+                    failures = 0
                 except (RedisError, OSError) as e:
-                    disconnect()
                     failures += 1
+                    self._refresh = True
                     if failures == 1:
                         log.warning(
                             "Lost Redis at %s (%s); open streams stay connected"
@@ -503,275 +620,567 @@ class RedisBackend:
                             self._where,
                             e,
                         )
-                    low, high = READER_BACKOFF
+                    low, high = BACKOFF
                     _gevent.sleep(min(low * 2 ** (failures - 1), high))
+                    continue
                 except Exception:
-                    log.exception("The Redis event reader failed; restarting it.")
-                    disconnect()
-                    _gevent.sleep(READER_BACKOFF[1])
+                    log.exception("The Redis manager failed; restarting it.")
+                    _gevent.sleep(BACKOFF[1])
+                    continue
+                if busy:
+                    idle_since = None
+                    # Something waits on Redis: look again soon.
+                    wakeup.wait(BACKOFF[0])
+                    continue
+                with self._lock:
+                    empty = not self._channels and not self._pending
+                if empty:
+                    now = time.monotonic()
+                    if idle_since is None:
+                        idle_since = now
+                    elif now - idle_since >= IDLE and self._stop_idle():
+                        return
+                else:
+                    idle_since = None
+                wakeup.wait(IDLE / 3)
         finally:
-            disconnect()
             with self._lock:
-                if self._reader_running and self._wakeup is wakeup:
-                    self._reader_running = False
+                if self._wakeup is wakeup:
+                    self._manager_running = False
+                    self._wakeup = None
 
     def _stop_idle(self) -> bool:
-        """Stop an idle reader, unless a subscription just came."""
         with self._lock:
-            if self._pending or self._subs:
+            if self._pending or self._channels:
                 return False
-            self._reader_running = False
+            self._manager_running = False
             self._wakeup = None
-            return True
+            readers = list(self._readers.values())
+        for reader in readers:
+            self._stop_reader(reader)
+        return True
 
-    def _streams(self) -> dict[str, str]:
-        """What to XREAD: every channel with registered subscriptions."""
-        with self._lock:
-            positions = self._positions
-            for channel in [c for c in positions if c not in self._subs]:
-                del positions[channel]
-            return {self._prefix + c: format_id(k) for c, k in positions.items()}
+    def _step(self) -> bool:
+        """One round of bookkeeping; True while something still waits."""
+        shards = self._client()
+        if self._refresh:
+            self._refresh = False
+            shards.refresh()
+        self._drop_unused()
+        waiting = self._route(shards)
+        waiting |= self._bring_live(shards)
+        waiting |= self._register(shards)
+        return waiting
 
-    def _register(self, reader: redis.Redis) -> None:
-        """Register the pending subscriptions (between two reads)."""
+    def _drop_unused(self) -> None:
+        """Stop reading channels without subscribers."""
         with self._lock:
-            batch = [p for p in self._pending if not p.sub.closed]
-            self._pending = []
-            self._seen = self._generation
-        if not batch:
+            wanted = {c for p in self._pending for c in p.sub.channels}
+            dropped = [
+                s
+                for s in self._channels.values()
+                if not s.subs and s.name not in wanted
+            ]
+            for state in dropped:
+                del self._channels[state.name]
+            readers = dict(self._readers)
+        for state in dropped:
+            reader = readers.get(state.node) if state.node else None
+            if reader is not None:
+                self._send(reader, "SUNSUBSCRIBE", state.key)
+
+    def _route(self, shards: _Shards) -> bool:
+        """Subscribe each channel on the reader of its master."""
+        with self._lock:
+            unrouted = [s for s in self._channels.values() if s.node is None]
+        for state in unrouted:
+            node = shards.node_of(state.key)
+            with self._lock:
+                if self._channels.get(state.name) is not state:
+                    continue
+                state.node = node
+                state.confirmed = state.live = False
+                reader = self._readers.get(node)
+                if reader is None or not reader.running:
+                    reader = self._readers[node] = _Reader(node)
+                    _gevent.spawn_background(
+                        functools.partial(self._read, reader),
+                        f"flask-eventstream redis reader {node}",
+                    )
+                    continue  # a new reader subscribes its channels
+            self._send(reader, "SSUBSCRIBE", state.key)
+        with self._lock:
+            return any(not s.confirmed for s in self._channels.values())
+
+    def _send(self, reader: _Reader, *command: str) -> None:
+        """Send a command on a reader's connection (its replies come to the
+        reader); nothing if it is not connected (it subscribes every channel
+        routed to it when it connects)."""
+        with reader.lock:
+            conn = reader.conn
+            if conn is None:
+                return
+            try:
+                conn.send_packed_command(
+                    conn.pack_command(*command), check_health=False
+                )
+            except (RedisError, OSError):
+                pass  # the reader sees the broken connection too
+
+    def _bring_live(self, shards: _Shards) -> bool:
+        """Read what each confirmed, not yet live channel missed."""
+        with self._lock:
+            todo = [
+                (s, s.position)
+                for s in self._channels.values()
+                if s.confirmed and not s.live
+            ]
+        for state, position in todo:
+            snap = self._snapshot(
+                shards, state.key, position, entries=position is not None
+            )
+            self._go_live(state, position, snap)
+        with self._lock:
+            return any(s.confirmed and not s.live for s in self._channels.values())
+
+    def _snapshot(
+        self, shards: _Shards, key: str, after: Position | None, *, entries: bool
+    ) -> Snapshot:
+        if after is None:
+            args = ["0", ""] if not entries else ["0", "0"]
+        else:
+            args = [str(after.epoch), str(after.offset) if entries else ""]
+        reply = self._snapshot_script(keys=[key], args=args, client=shards.client)
+        if not reply:
+            return Snapshot(None, None, [])
+        top = _position(reply[0])
+        first = _position(reply[1]).offset
+        found: list[Entry] = []
+        for raw_id, raw_fields in reply[2] if len(reply) > 2 else ():
+            fields = _fields(raw_fields)
+            found.append(
+                Entry(_position(raw_id).offset, int(fields.get("w", 0)), fields)
+            )
+        return Snapshot(top, first, found)
+
+    def _go_live(self, state: _Channel, since: Position | None, snap: Snapshot) -> None:
+        frames: list[_Frame] = []
+        cut = False
+        with self._lock:
+            if (
+                self._channels.get(state.name) is not state
+                or not state.confirmed
+                or state.live
+                or state.position != since
+            ):
+                return
+            top = snap.top or Position(0, 0)
+            position = since
+            if position is None or (position.epoch == 0 and not state.subs):
+                position = top
+            elif position.epoch not in (0, top.epoch) or position.offset > top.offset:
+                # The history was lost (and maybe created again): end the
+                # streams, which resume and are told.
+                cut = True
+                position = top
+            else:
+                for entry in snap.entries:
+                    if entry.offset != position.offset + 1:
+                        cut = entry.offset > position.offset + 1
+                        if cut:
+                            position = top
+                            break
+                        continue
+                    position = Position(top.epoch, entry.offset)
+                    frames += self._frames(state.name, position, entry.fields)
+            if cut:
+                self._cut_off(state)
+            # What came meanwhile, after the snapshot.
+            for msg_position, _, fields in state.buffer:
+                if msg_position.epoch != position.epoch and position.epoch:
+                    continue  # another history: the next sync sorts it out
+                if msg_position.offset <= position.offset:
+                    continue
+                if msg_position.offset != position.offset + 1:
+                    break
+                position = msg_position
+                frames += self._frames(state.name, position, fields)
+            else:
+                state.buffer.clear()
+                state.position = position
+                state.live = True
+            if not state.live:
+                state.buffer = [
+                    m for m in state.buffer if m[0].offset > position.offset
+                ]
+                state.position = position
+            for frame in frames:
+                self._broker.deliver(state.name, frame)
+        for frame in frames:
+            self._announce(frame)
+
+    def _frames(
+        self, channel: str, position: Position, fields: dict[str, str]
+    ) -> list[_Frame]:
+        event = _event(position, fields, True)
+        if event is None:
+            return []
+        return [_Frame(channel, position, event)]
+
+    def _announce(self, frame: _Frame) -> None:
+        on_delivered = self._broker.on_delivered
+        if on_delivered is None:
             return
         try:
-            self._register_batch(reader, batch)
-        except BaseException:
-            with self._lock:
-                self._pending[:0] = [
-                    p
-                    for p in batch
-                    if not p.sub.closed
-                    and p.sub not in self._subs.get(p.sub.channels[0], ())
-                ]
-            raise
+            on_delivered(frame.channel, frame.event)
+        except Exception:
+            # A receiver of event_published failed; the subscribers had the
+            # event already.
+            log.exception("Delivering event %s failed.", frame.event.id)
 
-    def _register_batch(self, reader: redis.Redis, batch: list[_Pending]) -> None:
-        # The first id wanted per channel: after the oldest position.
-        starts: dict[str, Key] = {}
-        for p in batch:
-            for channel in p.sub.channels:
-                since = p.since if p.since is not None else (1 << 62, 0)
-                if channel not in starts or since < starts[channel]:
-                    starts[channel] = since
-        channels = list(starts)
-        self._redis()  # scripts registered
-        reply = self._snapshot_script(
-            keys=[self._meta, *(self._prefix + c for c in channels)],
-            args=[_next_id(starts[c]) for c in channels],
-            client=reader,
-        )
-        counter = _key(reply[0])
-        epoch = _key(reply[1])
-        server_ms = int(reply[2])
-        self._clock = (server_ms, time.monotonic())
-        entries: dict[str, list[_Entry]] = {}
-        for channel, raw in zip(channels, reply[3:], strict=True):
-            entries[channel] = [self._entry(channel, item[0], item[1]) for item in raw]
-        # Everything up to the counter is in this snapshot; a publish after
-        # it gets a larger id (and goes to the live path). With no counter,
-        # nothing was published through it: the server's clock stands in.
-        top = counter if counter is not None else (max(server_ms - 1, 0), 0)
-        # Events published on a channel this process did not read, between a
-        # subscribe() and now, reach the subscriber in its replay, not through
-        # the reader: they are announced here (once) instead.
-        announce: dict[str, Key] = {}
-        with self._lock:
-            for p in batch:
-                if p.resume or p.since is None:
-                    continue
-                for channel in p.sub.channels:
-                    if channel not in self._subs:
-                        oldest = announce.get(channel)
-                        if oldest is None or p.since < oldest:
-                            announce[channel] = p.since
-        frames: dict[Key, Frame] = {}
-        for p in batch:
-            replay = self._replay(p, top, counter, epoch, entries, frames)
-            with self._lock:
-                sub = p.sub
-                if sub.closed:
-                    continue
-                sub.replay(replay)
-                if sub.floor is None or sub.floor < top:
-                    sub.floor = top
-                for channel in sub.channels:
-                    subs = self._subs.get(channel)
-                    if not subs:
-                        # A channel new to the reader: it reads what follows
-                        # this snapshot (nothing older is wanted by anyone).
-                        self._positions[channel] = max(self._cursor, top)
-                        subs = self._subs[channel] = set()
-                    subs.add(sub)
-                self._broker.connect(sub)
-        on_delivered = self._broker.on_delivered
-        if on_delivered is not None and announce:
-            news = [
-                e
-                for channel, since in announce.items()
-                for e in entries[channel]
-                if e[0] > since
-            ]
-            for _, channel, event_id, fields in sorted(news, key=lambda e: e[0]):
-                event = self._event(event_id, fields)
-                if event is None:
-                    continue
-                try:
-                    on_delivered(channel, event)
-                except Exception:
-                    log.exception("Announcing event %s failed.", event_id)
-
-    def _replay(
-        self,
-        p: _Pending,
-        top: Key,
-        counter: Key | None,
-        epoch: Key | None,
-        entries: dict[str, list[_Entry]],
-        frames: dict[Key, Frame],
-    ) -> list[Frame]:
-        """The frames to queue for a subscription before its live events."""
-        since = p.since
-        if since is None:
-            return []
-        reason = None
-        if p.resume:
-            if counter is None or since > counter or (epoch and since < epoch):
-                # Newer than anything published, or older than what this
-                # Redis remembers (it lost its data).
-                reason = "unknown"
-        streams: list[list[_Entry]] = []
-        for channel in p.sub.channels:
-            newer = [e for e in entries[channel] if e[0] > since]
-            if newer:
-                prev = _key(newer[0][3].get(b"p"))
-                if p.resume and reason is None and prev is not None and prev > since:
-                    reason = "expired"
-                streams.append(newer)
-        if p.resume and not self._history:
-            # No history is kept: report missed events, replay none.
-            if streams and reason is None:
-                reason = "expired"
-            streams = []
-        replay: list[Frame] = []
-        if reason is not None:
-            replay.append(reset_frame(reason, format_id(since), counter))
-        for key, _, event_id, fields in heapq.merge(*streams, key=_first):
-            frame = frames.get(key)
-            if frame is None:
-                event = self._event(event_id, fields)
-                if event is None:
-                    continue
-                frame = frames[key] = Frame(encode(event), key)
-            replay.append(frame)
-        return replay
-
-    def _entry(self, channel: str, raw_id: bytes, raw_fields: list[bytes]) -> _Entry:
-        event_id = raw_id.decode("ascii")
-        key = parse_id(event_id)
-        assert key is not None, event_id
-        fields = dict(zip(raw_fields[::2], raw_fields[1::2], strict=True))
-        return key, channel, event_id, fields
-
-    @staticmethod
-    def _event(event_id: str, fields: dict[bytes, bytes]) -> Event | None:
-        try:
-            retry = fields.get(b"r")
-            comment = fields.get(b"c")
-            name = fields.get(b"e")
-            return Event(
-                data=fields.get(b"d", b"").decode("utf-8"),
-                event=name.decode("utf-8") if name is not None else None,
-                id=event_id,
-                retry=int(retry) if retry is not None else None,
-                comment=comment.decode("utf-8") if comment is not None else None,
+    def _cut_off(self, state: _Channel) -> None:
+        """Events of ``state``'s channel after its position are gone from
+        Redis (trimmed before this process read them, or the history was
+        lost): end its streams, which resume and are told. Lock held."""
+        subs = set(state.subs)
+        for sub in subs:
+            for other in sub.channels:
+                other_state = self._channels.get(other)
+                if other_state is not None:
+                    other_state.subs.discard(sub)
+            self._broker.disconnect(sub)
+            sub.overflowed = True
+            sub.waker.set()
+        if subs:
+            log.warning(
+                "Events on channel %r after %s are no longer in Redis and this"
+                " process had not read them; ending its %d streams so that"
+                " they resume.",
+                state.name,
+                state.position,
+                len(subs),
             )
-        except (ValueError, TypeError) as e:
-            log.error("Skipping malformed stream entry %s: %s", event_id, e)
-            return None
 
-    def _dispatch(self, reply: t.Any) -> None:
-        """Hand one XREAD reply to local subscribers, in id order."""
-        items: list[_Entry] = []
-        plen = len(self._prefix)
-        pairs = reply.items() if isinstance(reply, dict) else reply
-        for stream, raw_entries in pairs:
-            channel = stream.decode("utf-8")[plen:]
-            for raw_id, fields in raw_entries:
-                event_id = raw_id.decode("ascii")
-                key = parse_id(event_id)
-                if key is not None:
-                    items.append((key, channel, event_id, fields))
-        items.sort(key=lambda item: item[0])
-        broker = self._broker
-        positions = self._positions
-        for key, channel, event_id, fields in items:
-            position = positions.get(channel)
-            if position is None or key <= position:
-                continue
-            prev = _key(fields.get(b"p"))
-            if prev is not None and prev > position:
-                self._cut_off(channel, position)
-            positions[channel] = key
-            if key > self._cursor:
-                self._cursor = key
-            event = self._event(event_id, fields)
-            if event is None:
-                continue
-            try:
-                broker.fanout(channel, Frame(encode(event), key), event)
-            except Exception:
-                # A receiver of event_published failed; the subscribers had
-                # the event already.
-                log.exception("Delivering event %s failed.", event_id)
-
-    def _cut_off(self, channel: str, position: Key) -> None:
-        """Entries of ``channel`` after ``position`` were trimmed before this
-        process read them: end its streams, which resume and are told."""
+    def _register(self, shards: _Shards) -> bool:
+        """Register the pending subscriptions whose channels are live."""
         with self._lock:
-            subs = self._subs.pop(channel, set())
-            for sub in subs:
-                for other in sub.channels:
-                    others = self._subs.get(other)
-                    if others is not None:
-                        others.discard(sub)
-                        if not others:
-                            del self._subs[other]
-                self._broker.disconnect(sub)
-                sub.overflowed = True
-                sub.waker.set()
-        log.warning(
-            "Events on channel %r after %s were trimmed from Redis before this"
-            " process read them; ending its %d streams so that they resume.",
-            channel,
-            format_id(position),
-            len(subs),
-        )
+            ready = [
+                p
+                for p in self._pending
+                if all(self._channels[c].live for c in p.sub.channels)
+            ]
+        for pending in ready:
+            self._register_one(shards, pending)
+        with self._lock:
+            return bool(self._pending)
+
+    def _register_one(self, shards: _Shards, pending: _Pending) -> None:
+        sub = pending.sub
+        since = pending.since
+        with self._lock:
+            live = {c: self._channels[c].position for c in sub.channels}
+        snapshots: dict[str, Snapshot] = {}
+        for channel in sub.channels:
+            after = None if isinstance(since, Stale) else since.get(channel)
+            if after is not None and after.epoch and after == live[channel]:
+                # Nothing missed so far (a new stream on a channel this
+                # process reads): no need to ask Redis.
+                snapshots[channel] = Snapshot(after, None, [])
+                continue
+            snapshots[channel] = self._snapshot(
+                shards, self._key(channel), after or Position(0, 0), entries=True
+            )
+        with self._lock:
+            if pending not in self._pending:
+                return  # detached meanwhile
+            joins: dict[str, Position] = {}
+            for channel in sub.channels:
+                state = self._channels[channel]
+                if not state.live or state.position is None:
+                    return  # not live any more: next round
+                top = snapshots[channel].top or Position(0, 0)
+                if state.position.epoch != top.epoch or state.position > top:
+                    return  # the reader is past the snapshot: next round
+                joins[channel] = state.position
+            self._pending.remove(pending)
+            if sub.closed:
+                return
+            plan = plan_replay(
+                since,
+                snapshots,
+                joins,
+                resume=pending.resume,
+                history=bool(self._history),
+            )
+            single = len(sub.channels) == 1
+            ids: _Ids | None = None
+            if not single:
+                ids = _Ids(
+                    sub.channels, {c: since_or_start(since, c) for c in sub.channels}
+                )
+            replay: list[Frame] = []
+            if plan.reset is not None:
+                reset = Event(
+                    data={"reason": plan.reset, "last_event_id": pending.last_id},
+                    event="eventstream-reset",
+                    id=format_positions(sub.channels, plan.positions),
+                )
+                replay.append(Frame(encode(reset)))
+            for channel, entry in plan.replay:
+                position = Position(joins[channel].epoch, entry.offset)
+                event = _event(position, entry.fields, single)
+                if event is None:
+                    continue
+                if ids is None:
+                    replay.append(Frame(encode(event)))
+                else:
+                    ids.positions[channel] = position
+                    replay.append(Frame(ids.label(encode(event))))
+            if ids is not None:
+                ids.positions.update(plan.positions)
+                sub.relabel = ids
+            sub.replay(replay)
+            for channel in sub.channels:
+                self._channels[channel].subs.add(sub)
+            self._broker.connect(sub)
+
+    # -- readers --
+
+    def _read(self, reader: _Reader) -> None:
+        failures = 0
+        conn: t.Any | None = None
+        try:
+            while not self._closed and self._pid == os.getpid():
+                try:
+                    conn = self._client().connection(
+                        reader.node, f"flask-eventstream:reader:{os.getpid()}"
+                    )
+                    conn.connect()
+                    with reader.lock:
+                        reader.conn = conn
+                    with self._lock:
+                        keys = [
+                            s.key
+                            for s in self._channels.values()
+                            if s.node == reader.node
+                        ]
+                    if keys:
+                        conn.send_packed_command(
+                            conn.pack_commands([("SSUBSCRIBE", k) for k in keys]),
+                            check_health=False,
+                        )
+                    failures = 0
+                    self._listen(reader, conn)
+                    return
+                except (RedisError, OSError) as e:
+                    failures += 1
+                    with reader.lock:
+                        reader.conn = None
+                    if conn is not None:
+                        conn.disconnect()
+                    if not self._lost(reader, e, failures):
+                        return
+                    low, high = BACKOFF
+                    _gevent.sleep(min(low * 2 ** (failures - 1), high))
+        finally:
+            with reader.lock:
+                reader.conn = None
+                reader.running = False
+            if conn is not None:
+                conn.disconnect()
+            with self._lock:
+                if self._readers.get(reader.node) is reader:
+                    del self._readers[reader.node]
+                for state in self._channels.values():
+                    if state.node == reader.node:
+                        state.node = None
+                        state.confirmed = state.live = False
+                wakeup = self._wakeup
+            if wakeup is not None:
+                wakeup.set()
+
+    def _lost(self, reader: _Reader, error: Exception, failures: int) -> bool:
+        """A reader lost its master: its channels go back to the manager,
+        which routes them again (a replica may have taken over). Returns
+        whether the reader should try its master again."""
+        with self._lock:
+            mine = [s for s in self._channels.values() if s.node == reader.node]
+            for state in mine:
+                state.confirmed = state.live = False
+            wakeup = self._wakeup
+        if failures == 1 and mine:
+            log.warning(
+                "Lost Redis at %s (%s); open streams stay connected and resume"
+                " where they were when it is back.",
+                reader.node if self._target.cluster else self._where,
+                error,
+            )
+        if self._target.cluster:
+            # Another master may serve these slots now.
+            with self._lock:
+                for state in mine:
+                    state.node = None
+                if self._readers.get(reader.node) is reader:
+                    del self._readers[reader.node]
+                self._refresh = True
+            if wakeup is not None:
+                wakeup.set()
+            return False
+        if wakeup is not None:
+            wakeup.set()
+        return bool(mine) and not self._closed
+
+    def _listen(self, reader: _Reader, conn: t.Any) -> None:
+        pinged = False
+        while not self._closed and reader.running:
+            if not conn.can_read(timeout=READER_PING):
+                with self._lock:
+                    mine = any(s.node == reader.node for s in self._channels.values())
+                if not mine:
+                    now = time.monotonic()
+                    if reader.idle_since is None:
+                        reader.idle_since = now
+                    elif now - reader.idle_since > IDLE:
+                        return
+                if pinged:
+                    raise RedisTimeoutError(f"{reader.node} stopped answering")
+                pinged = True
+                self._send(reader, "PING")
+                continue
+            pinged = False
+            try:
+                reply = conn.read_response()
+            except MovedError as e:
+                self._moved(reader, e.slot_id)
+                continue
+            self._on_reply(reader, reply)
+
+    def _moved(self, reader: _Reader, slot: int) -> None:
+        """A SSUBSCRIBE was answered MOVED: route that slot's channels again."""
+        from redis.crc import key_slot
+
+        with self._lock:
+            for state in self._channels.values():
+                if state.node == reader.node and not state.confirmed:
+                    if key_slot(state.key.encode()) == slot:
+                        state.node = None
+            self._refresh = True
+            wakeup = self._wakeup
+        if wakeup is not None:
+            wakeup.set()
+
+    def _on_reply(self, reader: _Reader, reply: t.Any) -> None:
+        if not isinstance(reply, list) or len(reply) < 3:
+            return
+        kind = reply[0]
+        key = reply[1].decode("utf-8") if isinstance(reply[1], bytes) else str(reply[1])
+        channel = key[len(self._prefix) + 1 : -1]
+        if kind == b"smessage":
+            self._on_message(reader, channel, reply[2])
+            return
+        wake = False
+        with self._lock:
+            reader.idle_since = None
+            state = self._channels.get(channel)
+            if state is None or state.node != reader.node:
+                return
+            if kind == b"ssubscribe":
+                if not state.confirmed:
+                    state.confirmed = wake = True
+            elif kind == b"sunsubscribe" and state.confirmed:
+                # Not asked for: the slot moved to another master.
+                state.node = None
+                state.confirmed = state.live = False
+                self._refresh = wake = True
+            wakeup = self._wakeup
+        if wake and wakeup is not None:
+            wakeup.set()
+
+    def _on_message(self, reader: _Reader, channel: str, payload: bytes) -> None:
+        try:
+            raw = json.loads(payload)
+            position = _position(raw[0])
+            when = int(raw[1])
+            fields = dict(zip(raw[2::2], raw[3::2], strict=True))
+        except (ValueError, TypeError, IndexError) as e:
+            log.error("Skipping a malformed message on %r: %s", channel, e)
+            return
+        frame: _Frame | None = None
+        wake = False
+        with self._lock:
+            state = self._channels.get(channel)
+            if state is None or state.node != reader.node or not state.confirmed:
+                return
+            current = state.position
+            if not state.live or current is None:
+                if len(state.buffer) < BUFFER_LIMIT:
+                    state.buffer.append((position, when, fields))
+                return
+            if position.epoch == current.epoch or current.epoch == 0:
+                if position.offset <= current.offset:
+                    return
+                if position.offset == current.offset + 1:
+                    state.position = position
+                    frames = self._frames(channel, position, fields)
+                    if frames:
+                        frame = frames[0]
+                        self._broker.deliver(channel, frame)
+            if frame is None and state.position != position:
+                # A gap, or another history: read what is missing.
+                state.live = False
+                state.buffer.append((position, when, fields))
+                wake = True
+            wakeup = self._wakeup
+        if frame is not None:
+            self._announce(frame)
+        if wake and wakeup is not None:
+            wakeup.set()
+
+    def _stop_reader(self, reader: _Reader) -> None:
+        reader.running = False
+        with reader.lock:
+            conn = reader.conn
+        if conn is not None:
+            try:
+                # Shut the socket down: the reader's read returns at once.
+                sock = conn._sock
+                if sock is not None:
+                    import socket
+
+                    sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
     def close(self) -> None:
         self._closed = True
         with self._lock:
             wakeup = self._wakeup
-            pending, self._pending = self._pending, []
+            self._pending = []
+            readers = list(self._readers.values())
         if wakeup is not None:
             wakeup.set()
         if self._pid != os.getpid():
             return
-        reader_id = self._reader_id
-        if reader_id is not None:
+        for reader in readers:
+            self._stop_reader(reader)
+        for shards in list(self._shards.values()):
             try:
-                self._redis().client_unblock(reader_id)
-            except (RedisError, OSError):
-                pass
-        for client in list(self._clients.values()):
-            try:
-                client.connection_pool.disconnect()
+                shards.disconnect()
             except Exception:  # a socket of another thread's hub
                 log.debug("Closing a Redis pool failed.", exc_info=True)
-        del pending
+
+
+def since_or_start(since: dict[str, Position | None] | Stale, channel: str) -> Position:
+    if isinstance(since, Stale):
+        return Position(0, 0)
+    return since.get(channel) or Position(0, 0)
+
+
+def _retryable(error: RedisError) -> bool:
+    """Errors of a cluster in motion (a failover or a slot that moves), after
+    redis-py followed its redirections."""
+    from redis.exceptions import ClusterDownError
+    from redis.exceptions import ClusterError
+    from redis.exceptions import TryAgainError
+
+    return isinstance(error, (ClusterDownError, ClusterError, TryAgainError))
