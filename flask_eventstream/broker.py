@@ -73,11 +73,15 @@ class Frame:
     """Encoded bytes ready to be written, with the key of the newest event
     they contain (``None`` for heartbeats and events without a channel id)."""
 
-    __slots__ = ("data", "key")
+    __slots__ = ("data", "key", "origin")
 
-    def __init__(self, data: bytes, key: Key | None = None) -> None:
+    def __init__(
+        self, data: bytes, key: Key | None = None, origin: t.Any = None
+    ) -> None:
         self.data = data
         self.key = key
+        #: What the backend knows of the event, for its relabel hooks.
+        self.origin = origin
 
     def __repr__(self) -> str:
         return f"Frame({self.data!r}, key={self.key!r})"

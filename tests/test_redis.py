@@ -18,10 +18,14 @@ from flask import request
 from flask_eventstream import EventStream
 from flask_eventstream import eventstream
 from flask_eventstream import PublishError
+from flask_eventstream.backends.positions import parse_positions
+from flask_eventstream.backends.positions import Position
 from flask_eventstream.testing import parse
 from flask_eventstream.testing import read_events
 from tests.support.redis import close_app
 from tests.support.redis import RedisServer
+from tests.support.redis import sse_id
+from tests.support.redis import stream_key
 
 pytestmark = pytest.mark.redis
 
@@ -31,8 +35,14 @@ MakeApp = t.Callable[..., Flask]
 
 
 def key(event_id: str) -> tuple[int, int]:
-    ms, seq = event_id.split("-")
-    return int(ms), int(seq)
+    """(epoch, offset) of a one-channel id."""
+    epoch, offset = event_id.split(".")
+    return int(epoch, 36), int(offset)
+
+
+def pos(event_id: str) -> Position:
+    """The position in a one-channel id."""
+    return Position(*key(event_id))
 
 
 def triples(events: t.Iterable[t.Any]) -> list[tuple[str, str, str]]:
@@ -49,8 +59,8 @@ def post(client: t.Any, channel: str, data: t.Any, event: str | None = None) -> 
 
 
 def stream_ids(server: RedisServer, channel: str) -> list[str]:
-    entries = server.client().xrange(f"eventstream:{channel}")
-    return [raw_id.decode() for raw_id, _ in entries]
+    entries = server.client().xrange(stream_key(channel))
+    return [sse_id(raw_id) for raw_id, _ in entries]
 
 
 def wait_registered(app: Flask, channel: str, count: int = 1) -> None:
@@ -109,12 +119,25 @@ def test_publish_reaches_subscriber_with_stream_ids(
     assert sorted(ids, key=key) == ids and len(set(ids)) == 5
 
 
-def test_ids_increase_across_channels(redis_app: MakeApp, redis_server: RedisServer):
+def test_each_channel_counts_its_own_events(
+    redis_app: MakeApp, redis_server: RedisServer
+):
     client = redis_app().test_client()
-    ids = [post(client, ("a", "b", "c")[i % 3], i) for i in range(30)]
-    assert sorted(ids, key=key) == ids and len(set(ids)) == 30
-    meta = redis_server.client().hget("eventstream:~meta", "last")
-    assert meta is not None and meta.decode() == ids[-1]
+    ids: dict[str, list[str]] = {"a": [], "b": [], "c": []}
+    for i in range(30):
+        channel = ("a", "b", "c")[i % 3]
+        ids[channel].append(post(client, channel, i))
+    for channel, channel_ids in ids.items():
+        epochs = {key(i)[0] for i in channel_ids}
+        assert len(epochs) == 1
+        assert [key(i)[1] for i in channel_ids] == list(range(1, 11))
+        assert stream_ids(redis_server, channel) == channel_ids
+    # One key per channel, nothing shared by all publishes.
+    assert sorted(redis_server.client().keys("*")) == [
+        b"eventstream:{a}",
+        b"eventstream:{b}",
+        b"eventstream:{c}",
+    ]
 
 
 def test_event_fields_survive_redis(redis_app: MakeApp):
@@ -229,19 +252,51 @@ def test_resume_several_channels_exactly_once_in_order(redis_server: RedisServer
     app = multi_app(redis_server.url)
     try:
         client = app.test_client()
+        stream = client.get("/multi?ch=a&ch=b", buffered=False)
+        wait_registered(app, "a")
         sent = []
         for i in range(12):
             channel = ("a", "b", "c")[i % 3]
             response = client.post(f"/pub/{channel}", json=f"{channel}{i}")
             sent.append((f"{channel}{i}", response.get_json()["id"]))
-        # Resume a subscription to a and b from an event on c.
-        stream = client.get(
-            "/multi?ch=a&ch=b", headers={"Last-Event-ID": sent[5][1]}, buffered=False
-        )
-        live = client.post("/pub/b", json="live").get_json()["id"]
-        events = read_events(stream, 5)
-        expected = [s for s in sent[6:] if s[0][0] in "ab"] + [("live", live)]
-        assert [(e.data, e.id) for e in events] == expected
+        events = read_events(stream, 8)
+        assert [e.data for e in events] == [d for d, _ in sent if d[0] in "ab"]
+        # Each id holds the position of both channels.
+        positions = [parse_positions(e.id, ["a", "b"]) for e in events]
+        a_ids = [i for d, i in sent if d[0] == "a"]
+        b_ids = [i for d, i in sent if d[0] == "b"]
+        assert positions[3] == {"a": pos(a_ids[1]), "b": pos(b_ids[1])}
+        assert positions[4] == {"a": pos(a_ids[2]), "b": pos(b_ids[1])}
+        # Resume from the middle, on another app (another worker): exactly
+        # the rest, then live events; a reader of "b" alone resumes from the
+        # same id.
+        other = multi_app(redis_server.url)
+        try:
+            resumed = other.test_client().get(
+                "/multi?ch=b&ch=a",
+                headers={"Last-Event-ID": events[4].id},
+                buffered=False,
+            )
+            only_b = other.test_client().get(
+                f"/multi?ch=b&lastEventId={events[4].id}", buffered=False
+            )
+            live = client.post("/pub/b", json="live").get_json()["id"]
+            rest = read_events(resumed, 4)
+            assert [e.data for e in rest] == ["b7", "a9", "b10", "live"]
+            assert parse_positions(rest[-1].id, ["a", "b"]) == {
+                "a": pos(a_ids[3]),
+                "b": pos(live),
+            }
+            assert [(e.data, e.id) for e in read_events(only_b, 3)] == [
+                ("b7", b_ids[2]),
+                ("b10", b_ids[3]),
+                ("live", live),
+            ]
+            resumed.close()
+            only_b.close()
+        finally:
+            close_app(other)
+        stream.close()
     finally:
         close_app(app)
 
@@ -253,9 +308,12 @@ def test_new_subscriber_gets_only_events_after_subscribing(redis_server: RedisSe
         client.post("/pub/a", json="before")
         stream = client.get("/multi?ch=a&ch=b", buffered=False)
         ids = [client.post(f"/pub/{c}", json=c).get_json()["id"] for c in "abab"]
-        assert [(e.data, e.id) for e in read_events(stream, 4)] == list(
-            zip("abab", ids, strict=True)
-        )
+        events = read_events(stream, 4)
+        assert [e.data for e in events] == list("abab")
+        assert parse_positions(events[-1].id, ["a", "b"]) == {
+            "a": pos(ids[2]),
+            "b": pos(ids[3]),
+        }
     finally:
         close_app(app)
 
@@ -295,7 +353,8 @@ def test_reset_for_unknown_ids(redis_app: MakeApp):
     app = redis_app()
     client = app.test_client()
     ids = [post(client, "u", i) for i in range(3)]
-    newer = f"{key(ids[-1])[0] + 100000}-0"
+    epoch, offset = ids[-1].split(".")
+    newer = f"{epoch}.{int(offset) + 100}"
     response = client.get("/stream/u", headers={"Last-Event-ID": newer}, buffered=False)
     # The reset's id is the newest id when the reader registers the stream.
     wait_registered(app, "u")
@@ -304,12 +363,23 @@ def test_reset_for_unknown_ids(redis_app: MakeApp):
     assert (reset.event, reset.id) == ("eventstream-reset", ids[-1])
     assert json.loads(reset.data) == {"reason": "unknown", "last_event_id": newer}
     assert (event.data, event.id) == ("live", live)
-    # Older than anything this Redis has seen: its data was lost since.
-    response = client.get("/stream/u", headers={"Last-Event-ID": "1-0"}, buffered=False)
+    # Of another history of this channel (it was lost since): reset, then
+    # all of the new one.
+    response = client.get("/stream/u", headers={"Last-Event-ID": "1.2"}, buffered=False)
     events = read_events(response, 5)
     assert events[0].event == "eventstream-reset"
     assert json.loads(events[0].data)["reason"] == "unknown"
     assert [e.id for e in events[1:]] == [*ids, live]
+    # An id of the earlier <milliseconds>-<sequence> form: reset, then live
+    # events only (nothing says which were missed).
+    stale = "1764489600123-4"
+    response = client.get("/stream/u", headers={"Last-Event-ID": stale}, buffered=False)
+    wait_registered(app, "u")
+    later = post(client, "u", "later")
+    reset, event = read_events(response, 2)
+    assert (reset.event, reset.id) == ("eventstream-reset", live)
+    assert json.loads(reset.data) == {"reason": "unknown", "last_event_id": stale}
+    assert (event.data, event.id) == ("later", later)
 
 
 @pytest.mark.parametrize("value", ["garbage", "1-2-3", "9" * 50, " "])
@@ -393,11 +463,9 @@ def test_event_published_signal_on_the_reading_process(redis_app: MakeApp):
     assert seen == [("sig", first), ("sig", second)]
 
 
-def test_reader_cuts_off_streams_that_fell_behind_trimming(
+def test_reader_cuts_off_streams_that_missed_trimmed_events(
     start_redis: t.Callable[..., RedisServer],
 ):
-    from flask_eventstream.backends.redis import _PUBLISH
-
     server = start_redis(extra=["--stream-node-max-entries", "2"])
     from example_app import create_app
 
@@ -416,18 +484,20 @@ def test_reader_cuts_off_streams_that_fell_behind_trimming(
         events = []
         while not events or events[-1].id != first:
             events.extend(parse(next(chunks)))
-        # 40 events in one transaction: trimmed to about 2 before the
-        # reader can see them.
+        # 40 entries that the reader never hears of (as if its connection
+        # had dropped meanwhile), trimmed to about 2; then an event it hears
+        # of: it sees the gap, and that the missed entries are gone.
         admin = server.client()
-        script = admin.register_script(_PUBLISH)
-        pipe = admin.pipeline(transaction=True)
+        epoch = key(first)[0]
         for i in range(40):
-            script(
-                keys=["eventstream:g", "eventstream:~meta"],
-                args=["1", f"tok{i}", "0", "d", f"burst{i}"],
-                client=pipe,
+            admin.xadd(
+                stream_key("g"),
+                {"t": f"tok{i}", "w": "0", "d": f"burst{i}"},
+                id=f"{epoch}-{i + 2}",
+                maxlen=1,
+                approximate=True,
             )
-        burst = [raw.decode() for raw in pipe.execute()]
+        last = post(client, "g", "last")
         start = time.monotonic()
         for chunk in chunks:
             events.extend(parse(chunk))
@@ -441,7 +511,9 @@ def test_reader_cuts_off_streams_that_fell_behind_trimming(
         kept = stream_ids(server, "g")
         got = read_events(resumed, 1 + len(kept))
         assert got[0].event == "eventstream-reset"
-        assert [e.id for e in got[1:]] == kept == burst[-len(kept) :]
+        assert json.loads(got[0].data)["reason"] == "expired"
+        assert [e.id for e in got[1:]] == kept
+        assert kept[-1] == last and 1 <= len(kept) <= 4
     finally:
         close_app(app)
 
@@ -548,18 +620,33 @@ def test_publish_error_when_redis_is_down(
     assert "unreachable" in response.get_json()["error"]
 
 
-def test_without_client_unblock_permission(
+def test_acl_user_limited_to_the_library_keys_and_channels(
     redis_server: RedisServer, caplog: pytest.LogCaptureFixture
 ):
-    # An ACL user that may not run CLIENT UNBLOCK: the reader polls instead.
+    # What the library needs: its keys, its shard channels, and the
+    # commands of the scripts, readers and bookkeeping.
     admin = redis_server.client()
     admin.acl_setuser(
         "limited",
         enabled=True,
         passwords=["+secret"],
-        keys=["*"],
-        channels=["*"],
-        commands=["+@all", "-client|unblock"],
+        keys=["eventstream:*"],
+        channels=["eventstream:*"],
+        commands=[
+            "+evalsha",
+            "+eval",
+            "+script|load",
+            "+xrevrange",
+            "+xrange",
+            "+xadd",
+            "+time",
+            "+spublish",
+            "+ssubscribe",
+            "+sunsubscribe",
+            "+ping",
+            "+client|setname",
+            "+hello",
+        ],
     )
     url = f"redis://limited:secret@127.0.0.1:{redis_server.port}/0"
     from example_app import create_app
@@ -569,12 +656,15 @@ def test_without_client_unblock_permission(
         client = app.test_client()
         first = client.get("/stream/acl1", buffered=False)
         wait_registered(app, "acl1")
-        second = client.get("/stream/acl2", buffered=False)
+        post(client, "acl1", 0)
+        second = client.get(
+            "/stream/acl2", headers={"Last-Event-ID": "0.0"}, buffered=False
+        )
         ids = [post(client, "acl1", 1), post(client, "acl2", 2)]
-        assert [e.id for e in read_events(first, 1)] == ids[:1]
+        assert [e.data for e in read_events(first, 2)] == ["0", "1"]
         assert [e.id for e in read_events(second, 1)] == ids[1:]
-        assert "CLIENT UNBLOCK is not allowed" in caplog.text
         assert "secret" not in caplog.text
+        assert "Lost Redis" not in caplog.text
     finally:
         close_app(app)
 
@@ -586,12 +676,12 @@ def test_a_retried_publish_is_added_once(redis_server: RedisServer):
 
     admin = redis_server.client()
     script = admin.register_script(_PUBLISH)
-    keys = ["eventstream:once", "eventstream:~meta"]
+    keys = [stream_key("once")]
     first = script(keys=keys, args=["10", "tok-a", "0", "d", "x"])
     other = script(keys=keys, args=["10", "tok-b", "0", "d", "y"])
     again = script(keys=keys, args=["10", "tok-a", "1", "d", "x"])
     assert again == first != other
-    assert stream_ids(redis_server, "once") == [first.decode(), other.decode()]
+    assert stream_ids(redis_server, "once") == [sse_id(first), sse_id(other)]
     # Without the retry flag, the same token adds an event (no lookup cost
     # on the normal path).
     assert script(keys=keys, args=["10", "tok-a", "0", "d", "x"]) not in (first, other)

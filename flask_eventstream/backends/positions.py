@@ -165,7 +165,7 @@ class Entry(t.NamedTuple):
     """One stored event of a channel."""
 
     offset: int
-    #: Publishing time in milliseconds (orders a replay across channels).
+    #: Publishing time (orders a replay across channels).
     time: int
     #: The stored fields, decoded by the backend.
     fields: t.Any

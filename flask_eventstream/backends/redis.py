@@ -124,13 +124,13 @@ if ARGV[3] == '1' and top then
   end
 end
 local tm = redis.call('TIME')
-local now = tonumber(tm[1]) * 1000 + math.floor(tonumber(tm[2]) / 1000)
-now = string.format('%.0f', now)
+local ms = tonumber(tm[1]) * 1000 + math.floor(tonumber(tm[2]) / 1000)
+local now = string.format('%.0f', tonumber(tm[1]) * 1000000 + tonumber(tm[2]))
 local id
 if top then
   id = string.match(top[1], '^(%d+)-') .. '-*'
 else
-  id = now .. '-1'
+  id = string.format('%.0f', ms) .. '-1'
 end
 local cmd = {'XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], id, 't', ARGV[2], 'w', now}
 local msg = {'', now}
@@ -188,14 +188,13 @@ def _event(position: Position, fields: dict[str, str], single: bool) -> Event | 
         return None
 
 
-class _Frame(Frame):
-    """An event of one channel: its bytes with the channel's position as id,
-    and what a stream on several channels needs to give it its own id."""
+class _Origin:
+    """An event of one channel, as a frame's origin: what a stream on several
+    channels needs to give the frame its own id."""
 
     __slots__ = ("channel", "position", "event", "_bare")
 
     def __init__(self, channel: str, position: Position, event: Event) -> None:
-        super().__init__(encode(event))
         self.channel = channel
         self.position = position
         self.event = event
@@ -206,6 +205,11 @@ class _Frame(Frame):
         if self._bare is None:
             self._bare = encode(dataclasses.replace(self.event, id=None))
         return self._bare
+
+
+def _frame(channel: str, position: Position, event: Event) -> Frame:
+    """The frame of an event with the channel's position as id."""
+    return Frame(encode(event), None, _Origin(channel, position, event))
 
 
 class _Ids:
@@ -220,10 +224,11 @@ class _Ids:
         self.positions = positions
 
     def __call__(self, frame: Frame) -> Frame:
-        if not isinstance(frame, _Frame):
+        origin = frame.origin
+        if not isinstance(origin, _Origin):
             return frame
-        self.positions[frame.channel] = frame.position
-        return Frame(self.label(frame.bare()))
+        self.positions[origin.channel] = origin.position
+        return Frame(self.label(origin.bare()))
 
     def label(self, bare: bytes) -> bytes:
         value = format_positions(self.channels, self.positions)
@@ -321,9 +326,9 @@ class _Shards:
             pool = self.client.connection_pool
         kwargs = dict(pool.connection_kwargs)
         # A plain RESP2 connection: pushes other than ours are not wanted.
-        for name in list(kwargs):
-            if name == "redis_connect_func" or "maint_notifications" in name:
-                del kwargs[name]
+        for option in list(kwargs):
+            if option == "redis_connect_func" or "maint_notifications" in option:
+                del kwargs[option]
         kwargs.update(
             protocol=2,
             client_name=name,
@@ -731,17 +736,30 @@ class RedisBackend:
         """Read what each confirmed, not yet live channel missed."""
         with self._lock:
             todo = [
-                (s, s.position)
+                (s, s.position, self._start(s))
                 for s in self._channels.values()
                 if s.confirmed and not s.live
             ]
-        for state, position in todo:
-            snap = self._snapshot(
-                shards, state.key, position, entries=position is not None
-            )
-            self._go_live(state, position, snap)
+        for state, position, start in todo:
+            after = position or start
+            snap = self._snapshot(shards, state.key, after, entries=after is not None)
+            self._go_live(state, position, after, snap)
         with self._lock:
             return any(s.confirmed and not s.live for s in self._channels.values())
+
+    def _start(self, state: _Channel) -> Position | None:
+        """Where a channel new to this process starts: at the oldest position
+        of a new stream waiting for it, so that the events published since
+        that stream subscribed are announced here once (they reach the
+        stream itself in its replay); else at its newest event. Lock held."""
+        oldest: Position | None = None
+        for pending in self._pending:
+            if pending.resume or isinstance(pending.since, Stale):
+                continue
+            since = pending.since.get(state.name)
+            if since is not None and (oldest is None or since < oldest):
+                oldest = since
+        return oldest
 
     def _snapshot(
         self, shards: _Shards, key: str, after: Position | None, *, entries: bool
@@ -763,20 +781,28 @@ class RedisBackend:
             )
         return Snapshot(top, first, found)
 
-    def _go_live(self, state: _Channel, since: Position | None, snap: Snapshot) -> None:
-        frames: list[_Frame] = []
+    def _go_live(
+        self,
+        state: _Channel,
+        expected: Position | None,
+        since: Position | None,
+        snap: Snapshot,
+    ) -> None:
+        frames: list[Frame] = []
         cut = False
         with self._lock:
             if (
                 self._channels.get(state.name) is not state
                 or not state.confirmed
                 or state.live
-                or state.position != since
+                or state.position != expected
             ):
                 return
             top = snap.top or Position(0, 0)
             position = since
-            if position is None or (position.epoch == 0 and not state.subs):
+            if position is None:
+                position = top
+            elif expected is None and position.epoch not in (0, top.epoch):
                 position = top
             elif position.epoch not in (0, top.epoch) or position.offset > top.offset:
                 # The history was lost (and maybe created again): end the
@@ -821,22 +847,23 @@ class RedisBackend:
 
     def _frames(
         self, channel: str, position: Position, fields: dict[str, str]
-    ) -> list[_Frame]:
+    ) -> list[Frame]:
         event = _event(position, fields, True)
         if event is None:
             return []
-        return [_Frame(channel, position, event)]
+        return [_frame(channel, position, event)]
 
-    def _announce(self, frame: _Frame) -> None:
+    def _announce(self, frame: Frame) -> None:
         on_delivered = self._broker.on_delivered
-        if on_delivered is None:
+        origin = frame.origin
+        if on_delivered is None or not isinstance(origin, _Origin):
             return
         try:
-            on_delivered(frame.channel, frame.event)
+            on_delivered(origin.channel, origin.event)
         except Exception:
             # A receiver of event_published failed; the subscribers had the
             # event already.
-            log.exception("Delivering event %s failed.", frame.event.id)
+            log.exception("Delivering event %s failed.", origin.event.id)
 
     def _cut_off(self, state: _Channel) -> None:
         """Events of ``state``'s channel after its position are gone from
@@ -1105,7 +1132,7 @@ class RedisBackend:
         except (ValueError, TypeError, IndexError) as e:
             log.error("Skipping a malformed message on %r: %s", channel, e)
             return
-        frame: _Frame | None = None
+        frame: Frame | None = None
         wake = False
         with self._lock:
             state = self._channels.get(channel)

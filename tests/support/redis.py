@@ -62,7 +62,9 @@ __all__ = [
     "close_app",
     "ids_of",
     "redis_clients",
+    "sse_id",
     "stream_entries",
+    "stream_key",
 ]
 
 
@@ -217,11 +219,27 @@ def close_app(app: Flask) -> None:
         state.broker.close()
 
 
+def stream_key(channel: str) -> str:
+    """The key of a channel's stream (the channel is its hash tag)."""
+    return f"eventstream:{{{channel}}}"
+
+
+def sse_id(entry_id: str | bytes) -> str:
+    """The id that a stream on one channel gets for a stream entry
+    (``<epoch>-<offset>`` -> ``<epoch in base 36>.<offset>``)."""
+    from flask_eventstream.backends.positions import format_position
+    from flask_eventstream.backends.positions import Position
+
+    text = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+    epoch, offset = text.split("-")
+    return format_position(Position(int(epoch), int(offset)))
+
+
 def stream_entries(server: RedisServer, channel: str) -> list[tuple[str, str]]:
-    """(id, data) of every entry of a channel's stream."""
+    """(SSE id, data) of every entry of a channel's stream."""
     return [
-        (raw_id.decode(), fields[b"d"].decode())
-        for raw_id, fields in server.client().xrange(f"eventstream:{channel}")
+        (sse_id(raw_id), fields[b"d"].decode())
+        for raw_id, fields in server.client().xrange(stream_key(channel))
     ]
 
 
