@@ -104,6 +104,9 @@ BACKOFF = (0.05, 1.0)
 IDLE = 30.0
 #: Messages buffered per channel while it is brought live.
 BUFFER_LIMIT = 10000
+#: Channels whose newest position a process remembers after it stopped
+#: reading them.
+SEEN_LIMIT = 10000
 #: A placeholder id as long as a real one, to check the encoded size.
 _SIZE_ID = "mil5tqqr.1000000000"
 
@@ -444,6 +447,9 @@ class RedisBackend:
         self._manager_running = False
         self._wakeup: Waker | None = None
         self._refresh = False
+        #: The newest position seen per channel, for streams that subscribe
+        #: while Redis is away (bounded: the most recently seen channels).
+        self._seen: dict[str, Position] = {}
 
     def _key(self, channel: str) -> str:
         return f"{self._prefix}{{{channel}}}"
@@ -521,7 +527,18 @@ class RedisBackend:
                     f"Could not publish to channel {channel!r}: Redis at"
                     f" {self._where} refused it ({e})."
                 ) from e
-        return dataclasses.replace(event, id=format_position(_position(raw)))
+        position = _position(raw)
+        with self._lock:
+            self._remember(channel, position)
+        return dataclasses.replace(event, id=format_position(position))
+
+    def _remember(self, channel: str, position: Position) -> None:
+        """Note the newest position seen of ``channel``. Lock held."""
+        seen = self._seen
+        seen.pop(channel, None)
+        seen[channel] = position
+        if len(seen) > SEEN_LIMIT:
+            del seen[next(iter(seen))]
 
     # -- subscribing --
 
@@ -568,7 +585,12 @@ class RedisBackend:
                 replies = [None] * len(ask)
             for channel, reply in zip(ask, replies, strict=True):
                 if reply is None:
-                    now[channel] = None
+                    # Redis is away: the last position this process saw, so
+                    # that events published when it is back are not missed.
+                    with self._lock:
+                        state = self._channels.get(channel)
+                        seen = state.position if state is not None else None
+                        now[channel] = seen or self._seen.get(channel)
                 elif reply:
                     now[channel] = _position(reply[0][0])
                 else:
@@ -688,6 +710,8 @@ class RedisBackend:
             ]
             for state in dropped:
                 del self._channels[state.name]
+                if state.position is not None:
+                    self._remember(state.name, state.position)
             readers = dict(self._readers)
         for state in dropped:
             reader = readers.get(state.node) if state.node else None
@@ -804,12 +828,18 @@ class RedisBackend:
                 position = top
             elif expected is None and position.epoch not in (0, top.epoch):
                 position = top
-            elif position.epoch not in (0, top.epoch) or position.offset > top.offset:
-                # The history was lost (and maybe created again): end the
-                # streams, which resume and are told.
+            elif position.epoch == top.epoch and position.offset > top.offset:
+                # This history lost its newest events (a failover to a
+                # replica that had not received them), and new ones will
+                # take their offsets: end the streams, which resume and are
+                # told.
                 cut = True
                 position = top
             else:
+                if position.epoch not in (0, top.epoch):
+                    # The history was lost and maybe created again: the
+                    # streams go on with the new one, from its start.
+                    position = Position(top.epoch, 0)
                 for entry in snap.entries:
                     if entry.offset != position.offset + 1:
                         cut = entry.offset > position.offset + 1
