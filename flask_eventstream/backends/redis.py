@@ -291,9 +291,10 @@ class _Shards:
             cluster: t.Any = redis.cluster
             self.client = cluster.RedisCluster(
                 startup_nodes=[cluster.ClusterNode(h, p) for h, p in target.nodes],
-                connection_pool_class=redis.BlockingConnectionPool,
+                connection_pool_class=functools.partial(
+                    redis.BlockingConnectionPool, timeout=POOL_TIMEOUT
+                ),
                 max_connections=2,
-                timeout=POOL_TIMEOUT,
                 # Redirections are followed; failures are ours to retry.
                 retry=Retry(NoBackoff(), 0),
                 **target.options,

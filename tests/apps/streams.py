@@ -11,6 +11,8 @@ Extra routes:
 ``GET /gen/<channel>``
     A generator view that subscribes, yields a ``subscribed`` event, then
     follows the channel. Its ``finally:`` counts in ``/counters``.
+``GET /multi?ch=a&ch=b``
+    One stream on several channels.
 ``GET /sleeper``
     A generator view that yields ``hello`` and then sleeps with
     ``stream.sleep()``; its ``finally:`` counts too.
@@ -70,6 +72,11 @@ def create_app(config: t.Mapping[str, t.Any] | None = None) -> Flask:
             yield from sub
         finally:
             _count("gen_finally")
+
+    @app.get("/multi")
+    @eventstream
+    def multi() -> t.Any:
+        return stream.subscribe(*request.args.getlist("ch"))
 
     @app.get("/sleeper")
     @eventstream

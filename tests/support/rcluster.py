@@ -241,6 +241,40 @@ class RedisCluster:
     def kill(self, node: ClusterNode) -> None:
         node.stop(kill=True)
 
+    @staticmethod
+    def node_id(node: ClusterNode) -> str:
+        raw = node.client().execute_command("CLUSTER MYID")
+        return raw.decode() if isinstance(raw, bytes) else str(raw)
+
+    def in_sync(self, master: ClusterNode, replica: ClusterNode) -> bool:
+        """Whether ``replica`` has everything ``master`` wrote."""
+        offset = master.client().info("replication")["master_repl_offset"]
+        return bool(replica.client().info("replication")["slave_repl_offset"] == offset)
+
+    def move_slot(self, slot: int, dst: ClusterNode, pause: float = 0.3) -> None:
+        """Move ``slot`` to ``dst`` as ``redis-cli --cluster reshard`` does:
+        IMPORTING / MIGRATING, MIGRATE its keys, then assign it. Between the
+        last MIGRATE and the assignment, ``pause`` seconds pass, in which
+        commands on the moved keys are redirected with ASK."""
+        src = next(
+            n for n, r in self.slots().items() if any(a <= slot <= b for a, b in r)
+        )
+        src_id, dst_id = self.node_id(src), self.node_id(dst)
+        dst.client().execute_command("CLUSTER SETSLOT", slot, "IMPORTING", src_id)
+        src.client().execute_command("CLUSTER SETSLOT", slot, "MIGRATING", dst_id)
+        while True:
+            keys = src.client().execute_command("CLUSTER GETKEYSINSLOT", slot, 100)
+            if not keys:
+                break
+            src.client().execute_command(
+                "MIGRATE", HOST, dst.port, "", 0, 5000, "KEYS", *keys
+            )
+        time.sleep(pause)
+        others = [m for m in self.masters() if m not in (src, dst)]
+        for node in (dst, src, *others):
+            node.client().execute_command("CLUSTER SETSLOT", slot, "NODE", dst_id)
+        self.wait_ok()
+
     def logs(self) -> str:
         return "\n".join(f"--- {n!r}\n{n.log(2000)}" for n in self.nodes)
 
