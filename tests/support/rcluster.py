@@ -168,17 +168,15 @@ class RedisCluster:
 
     def replica_of(self, master: ClusterNode) -> ClusterNode:
         """A running replica of ``master``."""
-        node_id = master.client().execute_command("CLUSTER MYID")
-        node_id = node_id.decode() if isinstance(node_id, bytes) else node_id
+        info = master.client().info("replication")
+        ports = {
+            int(v["port"])
+            for k, v in info.items()
+            if k.startswith("slave") and isinstance(v, dict)
+        }
         for node in self.running():
-            if node is master:
-                continue
-            for line in (
-                node.client().execute_command("CLUSTER NODES").decode().splitlines()
-            ):
-                fields = line.split()
-                if "myself" in fields[2] and fields[3] == node_id:
-                    return node
+            if node.port in ports:
+                return node
         raise LookupError(f"{master!r} has no running replica")
 
     def wait_ok(self, timeout: float = 30.0) -> None:
