@@ -117,6 +117,13 @@ def test_channels_spread_over_masters_one_key_each(cluster: RedisCluster):
         close_app(app)
 
 
+def by_channel(datas: list[str]) -> dict[str, list[str]]:
+    found: dict[str, list[str]] = {}
+    for data in datas:
+        found.setdefault(data.split("/")[0], []).append(data)
+    return found
+
+
 def test_resume_one_channel_and_several_on_different_masters(cluster: RedisCluster):
     by_master = channels_by_master(cluster, 1, "res")
     a, b, c = (names[0] for names in by_master.values())
@@ -127,36 +134,43 @@ def test_resume_one_channel_and_several_on_different_masters(cluster: RedisClust
         stream = client.get(query, buffered=False)
         for channel in (a, b, c):
             wait_registered(first, channel)
-        sent = [(ch, pub(client, ch, f"{ch}{i}")) for i in range(3) for ch in (a, b, c)]
-        events = read_events(stream, 9)
-        assert [e.data for e in events] == [
-            f"{ch}{i}" for i in range(3) for ch in (a, b, c)
-        ]
-        # Every id holds the position of the three channels.
-        assert parse_positions(events[4].id, [a, b, c]) == {
-            a: pos(sent[3][1]),
-            b: pos(sent[4][1]),
-            c: pos(sent[2][1]),
+        sent = {
+            f"{ch}/{i}": pub(client, ch, f"{ch}/{i}")
+            for i in range(3)
+            for ch in (a, b, c)
         }
+        events = read_events(stream, 9)
+        # In order per channel (masters deliver independently of each other).
+        assert by_channel([e.data for e in events]) == {
+            ch: [f"{ch}/{i}" for i in range(3)] for ch in (a, b, c)
+        }
+        # Every id holds the position of the three channels: the newest
+        # event of each seen so far.
+        seen = dict.fromkeys((a, b, c), Position(0, 0))
+        for event in events:
+            seen[event.data.split("/")[0]] = pos(sent[event.data])
+            assert parse_positions(event.id, [a, b, c]) == seen
         # Resumed on the other worker from the middle: exactly the rest.
+        middle = events[4]
         other = second.test_client()
-        resumed = other.get(
-            query, headers={"Last-Event-ID": events[4].id}, buffered=False
-        )
+        resumed = other.get(query, headers={"Last-Event-ID": middle.id}, buffered=False)
         one = other.get(
-            f"/multi?ch={b}", headers={"Last-Event-ID": sent[1][1]}, buffered=False
+            f"/multi?ch={b}", headers={"Last-Event-ID": sent[f"{b}/0"]}, buffered=False
         )
-        live = pub(client, a, "live")
+        live = pub(client, a, f"{a}/live")
         rest = read_events(resumed, 5)
-        assert [e.data for e in rest] == [f"{c}1", f"{a}2", f"{b}2", f"{c}2", "live"]
+        assert rest[-1].data == f"{a}/live"
+        expected = by_channel([e.data for e in events[5:]])
+        expected.setdefault(a, []).append(f"{a}/live")
+        assert by_channel([e.data for e in rest]) == expected
         assert parse_positions(rest[-1].id, [a, b, c]) == {
             a: pos(live),
-            b: pos(sent[7][1]),
-            c: pos(sent[8][1]),
+            b: pos(sent[f"{b}/2"]),
+            c: pos(sent[f"{c}/2"]),
         }
         assert [(e.data, e.id) for e in read_events(one, 2)] == [
-            (f"{b}1", sent[4][1]),
-            (f"{b}2", sent[7][1]),
+            (f"{b}/1", sent[f"{b}/1"]),
+            (f"{b}/2", sent[f"{b}/2"]),
         ]
         stream.close()
     finally:

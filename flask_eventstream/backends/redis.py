@@ -1066,6 +1066,8 @@ class RedisBackend:
             for state in mine:
                 state.confirmed = state.live = False
             wakeup = self._wakeup
+        if self._closed or not reader.running:
+            return False
         if failures == 1 and mine:
             log.warning(
                 "Lost Redis at %s (%s); open streams stay connected and resume"
