@@ -386,3 +386,35 @@ def test_failover_streams_resume_exactly(
         for client in clients:
             client.close()
         cluster.heal()
+
+
+# -- URLs --
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis+cluster://",
+        "redis+cluster://127.0.0.1",
+        "redis+cluster://127.0.0.1:7000,,127.0.0.1:7001",
+        "rediss+cluster://u:p@127.0.0.1:x",
+    ],
+)
+def test_malformed_cluster_urls_fail_at_init(url: str):
+    app = Flask(__name__)
+    app.config["EVENTSTREAM_REDIS_URL"] = url
+    with pytest.raises(ValueError, match="EVENTSTREAM_REDIS_URL.*host:port") as info:
+        EventStream(app)
+    assert ":p@" not in str(info.value)
+
+
+def test_cluster_url_forms():
+    from flask_eventstream.backends.redis import _parse_url
+
+    target = _parse_url("rediss+cluster://alice:s%40cret@10.0.0.1:7000,[::1]:7001")
+    assert target.cluster
+    assert target.nodes == [("10.0.0.1", 7000), ("::1", 7001)]
+    assert target.options == {"username": "alice", "password": "s@cret", "ssl": True}
+    assert target.where == "rediss+cluster://10.0.0.1:7000,::1:7001"
+    plain = _parse_url("redis+cluster://:pw@h:1")
+    assert (plain.nodes, plain.options) == ([("h", 1)], {"password": "pw"})

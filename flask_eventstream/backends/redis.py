@@ -60,6 +60,7 @@ import redis.cluster
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import MovedError
+from redis.exceptions import RedisClusterException
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
@@ -84,6 +85,10 @@ from .positions import Stale
 __all__ = ["RedisBackend"]
 
 log = logging.getLogger(__name__)
+
+#: What a lost or moving Redis raises (a cluster client that reaches no node
+#: raises RedisClusterException, which is not a RedisError).
+_LOST = (RedisError, OSError, RedisClusterException)
 
 #: Keys: ``PREFIX + "{" + channel + "}"``.
 PREFIX = "eventstream:"
@@ -506,7 +511,12 @@ class RedisBackend:
             try:
                 raw = self._publish_script(keys=keys, args=args, client=shards.client)
                 break
-            except (RedisConnectionError, RedisTimeoutError, OSError) as e:
+            except (
+                RedisConnectionError,
+                RedisTimeoutError,
+                RedisClusterException,
+                OSError,
+            ) as e:
                 # The script may have run (a reply lost in a restart): the
                 # retry finds the entry by its token instead of adding another.
                 args[2] = "1"
@@ -582,7 +592,7 @@ class RedisBackend:
                 for channel in ask:
                     pipe.xrevrange(self._key(channel), count=1)
                 replies = pipe.execute()
-            except (RedisError, OSError):
+            except _LOST:
                 replies = [None] * len(ask)
             for channel, reply in zip(ask, replies, strict=True):
                 if reply is None:
@@ -638,7 +648,7 @@ class RedisBackend:
                     if failures:
                         log.warning("Redis at %s is back.", self._where)
                     failures = 0
-                except (RedisError, OSError) as e:
+                except _LOST as e:
                     failures += 1
                     self._refresh = True
                     if failures == 1:
@@ -694,11 +704,29 @@ class RedisBackend:
         if self._refresh:
             self._refresh = False
             shards.refresh()
+            self._reroute(shards)
         self._drop_unused()
         waiting = self._route(shards)
         waiting |= self._bring_live(shards)
         waiting |= self._register(shards)
         return waiting
+
+    def _reroute(self, shards: _Shards) -> None:
+        """Route again the channels whose slot another master serves now."""
+        with self._lock:
+            routed = [(s, s.node) for s in self._channels.values() if s.node]
+        moved = [(s, old) for s, old in routed if shards.node_of(s.key) != old]
+        with self._lock:
+            readers = []
+            for state, old in moved:
+                if state.node == old:
+                    state.node = None
+                    state.confirmed = state.live = False
+                    reader = self._readers.get(old) if old else None
+                    if reader is not None:
+                        readers.append((reader, state.key))
+        for reader, key in readers:
+            self._send(reader, "SUNSUBSCRIBE", key)
 
     def _drop_unused(self) -> None:
         """Stop reading channels without subscribers."""
@@ -754,7 +782,7 @@ class RedisBackend:
                 conn.send_packed_command(
                     conn.pack_command(*command), check_health=False
                 )
-            except (RedisError, OSError):
+            except _LOST:
                 pass  # the reader sees the broken connection too
 
     def _bring_live(self, shards: _Shards) -> bool:
@@ -1030,7 +1058,7 @@ class RedisBackend:
                     failures = 0
                     self._listen(reader, conn)
                     return
-                except (RedisError, OSError) as e:
+                except _LOST as e:
                     failures += 1
                     with reader.lock:
                         reader.conn = None
@@ -1076,16 +1104,9 @@ class RedisBackend:
                 error,
             )
         if self._target.cluster:
-            # Another master may serve these slots now.
-            with self._lock:
-                for state in mine:
-                    state.node = None
-                if self._readers.get(reader.node) is reader:
-                    del self._readers[reader.node]
-                self._refresh = True
-            if wakeup is not None:
-                wakeup.set()
-            return False
+            # Another master may serve these slots now: the manager asks,
+            # and routes those channels to its reader.
+            self._refresh = True
         if wakeup is not None:
             wakeup.set()
         return bool(mine) and not self._closed
