@@ -48,6 +48,7 @@ class Settings:
     max_event_size: int = 1048576
     send_timeout: float = 30.0
     max_lifetime: float | None = None
+    redis_min_replicas: int = 0
 
     KEYS: t.ClassVar[dict[str, str]] = {
         "redis_url": "EVENTSTREAM_REDIS_URL",
@@ -59,6 +60,7 @@ class Settings:
         "max_event_size": "EVENTSTREAM_MAX_EVENT_SIZE",
         "send_timeout": "EVENTSTREAM_SEND_TIMEOUT",
         "max_lifetime": "EVENTSTREAM_MAX_LIFETIME",
+        "redis_min_replicas": "EVENTSTREAM_REDIS_MIN_REPLICAS",
     }
 
     def __post_init__(self) -> None:
@@ -67,6 +69,9 @@ class Settings:
         for name in ("history", "queue_size", "max_event_size"):
             _positive(name, getattr(self, name), integer=True, zero=name == "history")
         _positive("retry", self.retry, integer=True, zero=True)
+        _positive(
+            "redis_min_replicas", self.redis_min_replicas, integer=True, zero=True
+        )
         if self.max_connections is not None:
             _positive("max_connections", self.max_connections, integer=True)
         if self.max_lifetime is not None:
@@ -109,7 +114,12 @@ def _make_backend(settings: Settings) -> t.Callable[[Broker], Backend]:
             ) from e
 
         url = settings.redis_url
-        return lambda broker: RedisBackend(broker, url, history=settings.history)
+        return lambda broker: RedisBackend(
+            broker,
+            url,
+            history=settings.history,
+            min_replicas=settings.redis_min_replicas,
+        )
 
     from .backends.memory import MemoryBackend
 

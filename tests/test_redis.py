@@ -677,11 +677,18 @@ def test_a_retried_publish_is_added_once(redis_server: RedisServer):
     admin = redis_server.client()
     script = admin.register_script(_PUBLISH)
     keys = [stream_key("once")]
-    first = script(keys=keys, args=["10", "tok-a", "0", "d", "x"])
-    other = script(keys=keys, args=["10", "tok-b", "0", "d", "y"])
-    again = script(keys=keys, args=["10", "tok-a", "1", "d", "x"])
+    first = script(keys=keys, args=["10", "tok-a", "0", "1", "d", "x"])
+    other = script(keys=keys, args=["10", "tok-b", "0", "1", "d", "y"])
+    again = script(keys=keys, args=["10", "tok-a", "1", "1", "d", "x"])
     assert again == first != other
     assert stream_ids(redis_server, "once") == [sse_id(first), sse_id(other)]
     # Without the retry flag, the same token adds an event (no lookup cost
     # on the normal path).
-    assert script(keys=keys, args=["10", "tok-a", "0", "d", "x"]) not in (first, other)
+    third = script(keys=keys, args=["10", "tok-a", "0", "1", "d", "x"])
+    assert third not in (first, other)
+    # Without the announce flag, the message is returned for the caller
+    # (who waits for replicas first), also on a retry.
+    raw_id, message = script(keys=keys, args=["10", "tok-b", "1", "0", "d", "y"])
+    assert raw_id == other
+    assert json.loads(message)[0] == other.decode()
+    assert json.loads(message)[2:] == ["d", "y"]

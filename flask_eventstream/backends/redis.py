@@ -58,8 +58,11 @@ import urllib.parse
 import redis
 import redis.cluster
 from redis.backoff import NoBackoff
+from redis.exceptions import AskError
+from redis.exceptions import ClusterError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import MovedError
+from redis.exceptions import NoScriptError
 from redis.exceptions import RedisClusterException
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -109,6 +112,10 @@ BACKOFF = (0.05, 1.0)
 IDLE = 30.0
 #: Messages buffered per channel while it is brought live.
 BUFFER_LIMIT = 10000
+#: With min_replicas, the longest WAIT (milliseconds) for the replicas.
+WAIT_MS = 1000
+#: MOVED or ASK redirections followed by one publish.
+MAX_REDIRECTIONS = 5
 #: Channels whose newest position a process remembers after it stopped
 #: reading them.
 SEEN_LIMIT = 10000
@@ -116,18 +123,39 @@ SEEN_LIMIT = 10000
 _SIZE_ID = "mil5tqqr.1000000000"
 
 # Publish one event. KEYS: the stream (also the shard channel). ARGV: maxlen,
-# token, retry flag, then field/value pairs. The entry id is <epoch>-<offset>:
-# the epoch of the newest entry, or the server's time for a new history.
-# On a retry, an entry carrying the same token among the retained ones means
-# the first attempt went through: its id is returned and nothing is added.
+# token, retry flag, announce flag, then field/value pairs. The entry id is
+# <epoch>-<offset>: the epoch of the newest entry, or the server's time for a
+# new history. On a retry, an entry carrying the same token among the
+# retained ones means the first attempt went through: nothing is added, and
+# that entry is announced again (readers skip what they have). With the
+# announce flag, the script SPUBLISHes the entry and returns its id; without,
+# it returns the id and the message, for the caller to SPUBLISH once enough
+# replicas hold the entry.
 _PUBLISH = """
+local function done(id, f)
+  local msg = {id, ''}
+  for j = 1, #f, 2 do
+    if f[j] == 'w' then
+      msg[2] = f[j + 1]
+    elseif f[j] ~= 't' then
+      msg[#msg + 1] = f[j]
+      msg[#msg + 1] = f[j + 1]
+    end
+  end
+  msg = cjson.encode(msg)
+  if ARGV[4] == '1' then
+    redis.call('SPUBLISH', KEYS[1], msg)
+    return id
+  end
+  return {id, msg}
+end
 local top = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)[1]
 if ARGV[3] == '1' and top then
   local recent = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', ARGV[1])
   for i = 1, #recent do
     local f = recent[i][2]
     for j = 1, #f, 2 do
-      if f[j] == 't' and f[j + 1] == ARGV[2] then return recent[i][1] end
+      if f[j] == 't' and f[j + 1] == ARGV[2] then return done(recent[i][1], f) end
     end
   end
 end
@@ -140,16 +168,10 @@ if top then
 else
   id = string.format('%.0f', ms) .. '-1'
 end
-local cmd = {'XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], id, 't', ARGV[2], 'w', now}
-local msg = {'', now}
-for i = 4, #ARGV do
-  cmd[#cmd + 1] = ARGV[i]
-  msg[#msg + 1] = ARGV[i]
-end
-id = redis.call(unpack(cmd))
-msg[1] = id
-redis.call('SPUBLISH', KEYS[1], cjson.encode(msg))
-return id
+local fields = {'t', ARGV[2], 'w', now}
+for i = 5, #ARGV do fields[#fields + 1] = ARGV[i] end
+id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], id, unpack(fields))
+return done(id, fields)
 """
 
 # A channel's history after a position. KEYS: the stream. ARGV: epoch,
@@ -194,6 +216,10 @@ def _event(position: Position, fields: dict[str, str], single: bool) -> Event | 
     except (ValueError, TypeError) as e:
         log.error("Skipping malformed stream entry %s: %s", position, e)
         return None
+
+
+class _TooFewReplicas(RedisError):
+    """WAIT returned before enough replicas acknowledged."""
 
 
 class _Origin:
@@ -418,6 +444,9 @@ class RedisBackend:
     :param history: entries kept per channel (approximately: Redis trims
         whole nodes of a stream, so a few more may be kept).
     :param prefix: the prefix of every key this backend uses.
+    :param min_replicas: replicas that must hold an event before
+        :meth:`publish` returns it (Redis ``WAIT``), and before the readers
+        hear of it.
     """
 
     def __init__(
@@ -427,6 +456,7 @@ class RedisBackend:
         history: int = 1000,
         *,
         prefix: str = PREFIX,
+        min_replicas: int = 0,
     ) -> None:
         self._broker = broker
         self._target = _parse_url(url)
@@ -436,6 +466,7 @@ class RedisBackend:
         # history is kept; resume then replays nothing.
         self._maxlen = str(max(history, 1))
         self._prefix = prefix
+        self._min_replicas = min_replicas
         self._lock = threading.Lock()
         self._closed = False
         self._reset_process()
@@ -496,7 +527,8 @@ class RedisBackend:
         # Validates the size with an id as long as a real one.
         self._broker.encode(dataclasses.replace(event, id=_SIZE_ID), None)
         shards = self._client()
-        args: list[str] = [self._maxlen, secrets.token_hex(8), "0", "d", event.text]
+        announce = "0" if self._min_replicas else "1"
+        args = [self._maxlen, secrets.token_hex(8), "0", announce, "d", event.text]
         if event.event is not None:
             args += ["e", event.event]
         if event.retry is not None:
@@ -509,7 +541,12 @@ class RedisBackend:
         delay = 0.0
         while True:
             try:
-                raw = self._publish_script(keys=keys, args=args, client=shards.client)
+                if self._min_replicas:
+                    raw = self._publish_replicated(shards, keys[0], args)
+                else:
+                    raw = self._publish_script(
+                        keys=keys, args=args, client=shards.client
+                    )
                 break
             except (
                 RedisConnectionError,
@@ -528,6 +565,17 @@ class RedisBackend:
                 if delay:
                     _gevent.sleep(delay)
                 delay = min(delay * 2, 0.4) if delay else 0.05
+            except _TooFewReplicas as e:
+                # The event is in Redis, but not yet announced: a retry finds
+                # it, and announces it once the replicas have it.
+                args[2] = "1"
+                if time.monotonic() + delay > deadline:
+                    raise PublishError(
+                        f"Could not publish to channel {channel!r}: Redis at"
+                        f" {self._where} {e}."
+                    ) from e
+                _gevent.sleep(delay or 0.05)
+                delay = min(delay * 2, 0.4) if delay else 0.05
             except RedisError as e:
                 if _retryable(e) and time.monotonic() + delay <= deadline:
                     args[2] = "1"
@@ -542,6 +590,69 @@ class RedisBackend:
         with self._lock:
             self._remember(channel, position)
         return dataclasses.replace(event, id=format_position(position))
+
+    def _publish_replicated(self, shards: _Shards, key: str, args: list[str]) -> t.Any:
+        """Run the publish script, ``WAIT`` until ``min_replicas`` replicas
+        hold the entry, then announce it; all on one connection to the
+        master of ``key`` (following MOVED and ASK redirections)."""
+        need = self._min_replicas
+        client = shards.client
+        asking: str | None = None
+        for _ in range(MAX_REDIRECTIONS):
+            if not self._target.cluster:
+                node_client = client
+            else:
+                node = (
+                    client.get_node(node_name=asking)
+                    if asking
+                    else client.get_node_from_key(key)
+                )
+                node_client = client.get_redis_connection(node)
+            pool = node_client.connection_pool
+            conn: t.Any = pool.get_connection()
+            try:
+                if asking:
+                    conn.send_command("ASKING")
+                    conn.read_response()
+                try:
+                    raw_id, message = self._evalsha(conn, key, args)
+                except MovedError:
+                    shards.refresh()
+                    asking = None
+                    continue
+                except AskError as e:
+                    asking = f"{e.host}:{e.port}"
+                    continue
+                conn.send_command("WAIT", need, WAIT_MS)
+                acked = int(conn.read_response())
+                if acked < need:
+                    raise _TooFewReplicas(
+                        f"has only {acked} of the {need} replicas that must"
+                        f" hold an event acknowledging it within {WAIT_MS} ms"
+                    )
+                conn.send_command("SPUBLISH", key, message)
+                conn.read_response()
+                return raw_id
+            except _TooFewReplicas:
+                raise
+            except (RedisError, OSError):
+                conn.disconnect()
+                raise
+            finally:
+                pool.release(conn)
+        raise ClusterError(f"{key!r} was redirected {MAX_REDIRECTIONS} times")
+
+    def _evalsha(self, conn: t.Any, key: str, args: list[str]) -> t.Any:
+        sha = self._publish_script.sha
+        try:
+            conn.send_command("EVALSHA", sha, 1, key, *args)
+            return conn.read_response()
+        except NoScriptError:
+            # Nothing ran; the script is loaded once per server.
+            conn.send_command("SCRIPT", "LOAD", _PUBLISH)
+            conn.read_response()
+            conn.send_command("EVALSHA", sha, 1, key, *args)
+            return conn.read_response()
 
     def _remember(self, channel: str, position: Position) -> None:
         """Note the newest position seen of ``channel``. Lock held."""
