@@ -10,12 +10,12 @@ shard), on free ports of 127.0.0.1, and measures on each:
 
 ``publish``
     ``publish()`` throughput: ``--publishers`` processes publish 100-byte
-    events on 30 channels for ``--seconds`` seconds, with nobody reading and
-    then with ``--readers`` reader connections (as many workers' readers)
-    subscribed to every channel. Reports events/s, and per event the Redis
-    CPU time (``INFO cpu``, all masters) and the script's own time
-    (``INFO commandstats``, ``evalsha``), from which the per-reader cost of
-    an event follows.
+    events on 30 channels for ``--seconds`` seconds, with nobody reading,
+    then with ``--readers`` reader connections per master (as many workers'
+    readers) subscribed to every channel, then four times as many. Reports
+    events/s, and per event the Redis CPU time (``INFO cpu``, all masters)
+    and the commands' own times (``INFO commandstats``), from which the
+    per-reader cost of an event follows.
 ``latency``
     Publish on one gunicorn worker (a POST) -> delivery on 20 streams of
     another worker: p50, p99 and max (the scenario of
@@ -83,10 +83,12 @@ def _cpu(nodes: list[RedisServer]) -> float:
     return total
 
 
-def _evalsha(nodes: list[RedisServer]) -> tuple[int, float]:
+def _command(nodes: list[RedisServer], name: str) -> tuple[int, float]:
+    """Calls and microseconds of one command on ``nodes`` (INFO
+    commandstats; commands run by scripts count too)."""
     calls, usec = 0, 0.0
     for node in nodes:
-        stats = node.client().info("commandstats").get("cmdstat_evalsha")
+        stats = node.client().info("commandstats").get(f"cmdstat_{name}")
         if stats:
             calls += int(stats["calls"])
             usec += float(stats["usec"])
@@ -149,17 +151,19 @@ def measure_publish(
         for proc in procs:
             proc.join(30)
         cpu = _cpu(masters) - cpu0
-        calls, usec = _evalsha(masters)
         events = sum(n for n, _ in results)
         elapsed = max(s for _, s in results)
-        return {
+        row: dict[str, t.Any] = {
             "readers_per_master": readers,
             "events": events,
             "events_per_s": round(events / elapsed),
             "redis_cpu_us_per_event": round(cpu / events * 1e6, 2),
-            "script_us_per_event": round(usec / calls, 2) if calls else None,
             "redis_cpu_share": round(cpu / elapsed / len(masters), 3),
         }
+        for name in ("evalsha", "xadd", "spublish"):
+            calls, usec = _command(masters, name)
+            row[f"{name}_us_per_call"] = round(usec / calls, 2) if calls else None
+        return row
     finally:
         for conn in conns:
             conn.disconnect()
@@ -187,7 +191,8 @@ def run(args: argparse.Namespace) -> dict[str, t.Any]:
                     setup, url, args.seconds, args.publishers, args.readers
                 ),
             ]
-            row["latency"] = measure_latency(_Target(url), args.events, 0.002)
+            target = t.cast(RedisServer, _Target(url))
+            row["latency"] = measure_latency(target, args.events, 0.002)
             results[name] = row
             print(name, json.dumps(row, indent=1), flush=True)
     finally:

@@ -692,3 +692,39 @@ def test_a_retried_publish_is_added_once(redis_server: RedisServer):
     assert raw_id == other
     assert json.loads(message)[0] == other.decode()
     assert json.loads(message)[2:] == ["d", "y"]
+
+
+def test_min_replicas(start_redis: t.Callable[..., RedisServer]):
+    master = start_redis()
+    replica = start_redis(extra=["--replicaof", "127.0.0.1", str(master.port)])
+    deadline = time.monotonic() + 10
+    while replica.client().info("replication")["master_link_status"] != "up":
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    from example_app import create_app
+
+    config = {"EVENTSTREAM_REDIS_URL": master.url, "EVENTSTREAM_REDIS_MIN_REPLICAS": 1}
+    app, other = create_app(config), create_app(config)
+    try:
+        client = app.test_client()
+        response = client.get("/stream/r", buffered=False)
+        wait_registered(app, "r")
+        ids = [post(client, "r", i) for i in range(3)]
+        assert [e.id for e in read_events(response, 3)] == ids
+        # The replica has each acknowledged event.
+        assert [sse_id(i) for i, _ in replica.client().xrange(stream_key("r"))] == ids
+        resumed = other.test_client().get(
+            "/stream/r", headers={"Last-Event-ID": ids[0]}, buffered=False
+        )
+        assert [e.id for e in read_events(resumed, 2)] == ids[1:]
+        # Without the replica, publishing fails (after a bounded wait).
+        replica.stop()
+        stream = app.extensions["eventstream"].owner
+        with app.app_context():
+            start = time.monotonic()
+            with pytest.raises(PublishError, match="0 of the 1 replicas"):
+                stream.publish("r", "unsure")
+            assert time.monotonic() - start < 4
+    finally:
+        close_app(app)
+        close_app(other)

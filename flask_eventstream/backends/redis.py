@@ -484,6 +484,8 @@ class RedisBackend:
         self._manager_running = False
         self._wakeup: Waker | None = None
         self._refresh = False
+        #: Too few replicas were found (warned once until there are enough).
+        self._short = False
         #: The newest position seen per channel, for streams that subscribe
         #: while Redis is away (bounded: the most recently seen channels).
         self._seen: dict[str, Position] = {}
@@ -641,6 +643,39 @@ class RedisBackend:
             finally:
                 pool.release(conn)
         raise ClusterError(f"{key!r} was redirected {MAX_REDIRECTIONS} times")
+
+    def _replicated(self, shards: _Shards, key: str) -> bool:
+        """With ``min_replicas``: whether the replicas hold everything that
+        the master of ``key`` has now (a write of its own, then ``WAIT``), so
+        that events read from a stream are handed out only once a failover
+        cannot lose them."""
+        need = self._min_replicas
+        if not need:
+            return True
+        client = shards.client
+        if self._target.cluster:
+            client = client.get_redis_connection(client.get_node_from_key(key))
+        pipe: t.Any = client.pipeline(transaction=False)
+        pipe.execute_command("SPUBLISH", key + ":sync", "")
+        pipe.execute_command("WAIT", need, WAIT_MS)
+        try:
+            _, acked = pipe.execute()
+        except MovedError:
+            self._refresh = True
+            return False
+        if int(acked) >= need:
+            self._short = False
+            return True
+        if not self._short:
+            self._short = True
+            log.warning(
+                "Redis at %s has %s of the %d replicas that must hold an event"
+                " before it is sent; waiting for them.",
+                self._where,
+                acked,
+                need,
+            )
+        return False
 
     def _evalsha(self, conn: t.Any, key: str, args: list[str]) -> t.Any:
         sha = self._publish_script.sha
@@ -907,6 +942,8 @@ class RedisBackend:
         for state, position, start in todo:
             after = position or start
             snap = self._snapshot(shards, state.key, after, entries=after is not None)
+            if snap.entries and not self._replicated(shards, state.key):
+                continue
             self._go_live(state, position, after, snap)
         with self._lock:
             return any(s.confirmed and not s.live for s in self._channels.values())
@@ -1087,6 +1124,9 @@ class RedisBackend:
             snapshots[channel] = self._snapshot(
                 shards, self._key(channel), after or Position(0, 0), entries=True
             )
+        for channel, snap in snapshots.items():
+            if snap.entries and not self._replicated(shards, self._key(channel)):
+                return  # next round
         with self._lock:
             if pending not in self._pending:
                 return  # detached meanwhile
