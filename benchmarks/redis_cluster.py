@@ -186,10 +186,8 @@ def run(args: argparse.Namespace) -> dict[str, t.Any]:
         ):
             row: dict[str, t.Any] = {}
             row["publish"] = [
-                measure_publish(setup, url, args.seconds, args.publishers, 0),
-                measure_publish(
-                    setup, url, args.seconds, args.publishers, args.readers
-                ),
+                measure_publish(setup, url, args.seconds, args.publishers, readers)
+                for readers in (0, args.readers, args.readers * 4)
             ]
             target = t.cast(RedisServer, _Target(url))
             row["latency"] = measure_latency(target, args.events, 0.002)
