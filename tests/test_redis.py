@@ -672,7 +672,7 @@ def test_acl_user_limited_to_the_library_keys_and_channels(
 def test_a_retried_publish_is_added_once(redis_server: RedisServer):
     # publish() retries with the same token after an error that may have
     # come after Redis ran the script (a reply lost in a restart).
-    from flask_eventstream.backends.redis import _PUBLISH
+    from flask_eventstream.backends.redis.scripts import PUBLISH as _PUBLISH
 
     admin = redis_server.client()
     script = admin.register_script(_PUBLISH)

@@ -456,7 +456,7 @@ def test_malformed_cluster_urls_fail_at_init(url: str):
 
 
 def test_cluster_url_forms():
-    from flask_eventstream.backends.redis import _parse_url
+    from flask_eventstream.backends.redis.client import parse_url as _parse_url
 
     target = _parse_url("rediss+cluster://alice:s%40cret@10.0.0.1:7000,[::1]:7001")
     assert target.cluster
