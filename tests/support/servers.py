@@ -438,7 +438,7 @@ pytest_runtest_makereport = report_on_failure(
 def start_server(request: pytest.FixtureRequest) -> Iterator[Callable[..., Server]]:
     """``start_server(kind, app=TEST_APP, env=None, args=())`` -> a running
     :class:`Server`, stopped in teardown."""
-    from tests.conftest import require_tool
+    from tests.conftest import require_module
 
     raise_nofile()
     servers: list[Server] = []
@@ -452,7 +452,7 @@ def start_server(request: pytest.FixtureRequest) -> Iterator[Callable[..., Serve
         timeout: float = 30.0,
     ) -> Server:
         if kind.startswith("gunicorn"):
-            require_tool("gunicorn", "gunicorn")
+            require_module("gunicorn")
         server = Server(kind, app, env, args)
         servers.append(server)
         return server.start(timeout)
