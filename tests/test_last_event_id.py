@@ -3,11 +3,18 @@ UTF-8 that browsers send decoded from the latin-1 text WSGI gives."""
 
 from __future__ import annotations
 
+import secrets
 import typing as t
 
+import pytest
 from flask import Flask
 
 from flask_eventstream import last_event_id
+
+if t.TYPE_CHECKING:
+    from playwright.sync_api import Page
+
+    from tests.support.servers import Server
 
 
 def echo_app() -> Flask:
@@ -58,3 +65,42 @@ def test_header_that_is_not_utf8_comes_back_as_read() -> None:
     assert get({"Last-Event-ID": "\xff\xfe\x80"}) == "\xff\xfe\x80"
     # A server that gave text beyond latin-1 already decoded it.
     assert get({"Last-Event-ID": "世界"}) == "世界"
+
+
+#: Reads ``count`` message events, then closes the EventSource.
+READ_MESSAGES = """
+async ({url, count, timeoutMs}) => new Promise((resolve) => {
+  const seen = [];
+  const source = new EventSource(url);
+  const timer = setTimeout(() => { source.close(); resolve(seen); }, timeoutMs);
+  source.onmessage = (e) => {
+    seen.push([e.data, e.lastEventId]);
+    if (seen.length === count) {
+      clearTimeout(timer);
+      source.close();
+      resolve(seen);
+    }
+  };
+})
+"""
+
+
+@pytest.mark.browser
+@pytest.mark.server
+def test_chromium_sends_a_non_ascii_id_back_and_the_view_reads_it(
+    chromium_page: Page, start_server: t.Callable[..., Server]
+) -> None:
+    # The view sends one event with id café-<n> and ends; Chromium
+    # reconnects by itself with that id as Last-Event-ID, and the view's
+    # next event says what last_event_id() read.
+    server = start_server("pywsgi", app="tests.apps.conformance:create_app")
+    chromium_page.goto(f"http://127.0.0.1:{server.port}/")
+    seen = chromium_page.evaluate(
+        READ_MESSAGES,
+        {"url": f"/cafe?run={secrets.token_hex(8)}", "count": 3, "timeoutMs": 8000},
+    )
+    assert seen == [
+        ['{"got":null}', "caf\u00e9-1"],
+        ['{"got":"caf\u00e9-1"}', "caf\u00e9-2"],
+        ['{"got":"caf\u00e9-2"}', "caf\u00e9-3"],
+    ]
