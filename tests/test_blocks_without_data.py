@@ -44,15 +44,16 @@ def check_live_and_replayed(app: Flask) -> None:
     client = app.test_client()
     live = client.get("/stream/quiet", buffered=False)
     first, note, ping, empty = publish(app)
-    assert note.text is None
+    raw = read_raw(live, 5)
     expected = (
         f": note\nid: {note.id}\n\n"
         f"event: ping\nid: {ping.id}\ndata: \n\n"
         f"id: {empty.id}\ndata: \n\n"
     ).encode()
-    assert read_raw(live, 5) == (
+    assert raw == (
         b"retry: 3000\n\n" + f"id: {first.id}\ndata: first\n\n".encode() + expected
     )
+    assert note.text is None
     resumed = client.get(
         "/stream/quiet",
         headers={"Last-Event-ID": t.cast(str, first.id)},
