@@ -224,6 +224,14 @@ class EventParser:
     after the colon, ``id`` values containing NUL (ignored), ``retry`` values
     that are not all ASCII digits (ignored) and comments.
 
+    :attr:`last_event_id` is what a browser would send back as
+    ``Last-Event-ID``: it changes when a block ends with a blank line, also
+    for a block with an ``id`` and no data, never for a block that has not
+    ended.
+
+    .. versionchanged:: 0.2
+        ``last_event_id`` no longer changes before the block ends.
+
     .. versionadded:: 0.1
     """
 
