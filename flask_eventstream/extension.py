@@ -13,8 +13,6 @@ import click
 from flask import current_app
 from flask import Flask
 from flask import has_app_context
-from flask import has_request_context
-from flask import request
 from flask.cli import AppGroup
 
 from . import _gevent
@@ -23,6 +21,7 @@ from .broker import Backend
 from .broker import Broker
 from .broker import Subscription
 from .exceptions import EventStreamError
+from .request import last_event_id as request_last_event_id
 from .sse import encode_retry
 from .sse import Event
 from .views import Connection
@@ -289,11 +288,7 @@ class EventStream:
         """
         state = self._state()
         if last_event_id is _FROM_REQUEST:
-            last_event_id = None
-            if has_request_context():
-                last_event_id = request.headers.get(
-                    "Last-Event-ID"
-                ) or request.args.get("lastEventId")
+            last_event_id = request_last_event_id()
         conn = current_connection.get()
         if conn is not None and conn.state is state and not conn.released:
             sub = state.broker.subscribe(

@@ -305,7 +305,9 @@ class RedisBackend:
         # Validates the size with an id as long as a real one.
         self._broker.encode(dataclasses.replace(event, id=_SIZE_ID), None)
         client = self._redis()
-        args: list[str] = [self._maxlen, secrets.token_hex(8), "0", "d", event.text]
+        args: list[str] = [self._maxlen, secrets.token_hex(8), "0"]
+        if event.text is not None:
+            args += ["d", event.text]
         if event.event is not None:
             args += ["e", event.event]
         if event.retry is not None:
@@ -682,16 +684,19 @@ class RedisBackend:
     @staticmethod
     def _event(event_id: str, fields: dict[bytes, bytes]) -> Event | None:
         try:
+            data = fields.get(b"d")
             retry = fields.get(b"r")
             comment = fields.get(b"c")
             name = fields.get(b"e")
-            return Event(
-                data=fields.get(b"d", b"").decode("utf-8"),
+            event = Event(
                 event=name.decode("utf-8") if name is not None else None,
                 id=event_id,
                 retry=int(retry) if retry is not None else None,
                 comment=comment.decode("utf-8") if comment is not None else None,
             )
+            if data is None:
+                return event
+            return dataclasses.replace(event, data=data.decode("utf-8"))
         except (ValueError, TypeError) as e:
             log.error("Skipping malformed stream entry %s: %s", event_id, e)
             return None
