@@ -14,11 +14,11 @@ from __future__ import annotations
 import time
 import typing as t
 
+from .connection import Connection
+from .connection import ENVIRON_KEY
 from .sse import EventParser
 from .sse import parse
 from .sse import ReceivedEvent
-from .views import Connection
-from .views import ENVIRON_KEY
 
 __all__ = ["EventParser", "ReceivedEvent", "parse", "read_events"]
 

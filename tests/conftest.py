@@ -11,7 +11,7 @@ import time
 import pytest
 
 from flask_eventstream.broker import Subscription
-from flask_eventstream.views import Connection
+from flask_eventstream.connection import Connection
 
 pytest_plugins = [
     "tests.support.servers",

@@ -17,6 +17,7 @@ from flask_eventstream import Event
 from flask_eventstream import EventStream
 from flask_eventstream import eventstream
 from flask_eventstream import signals
+from flask_eventstream._state import state_for
 from flask_eventstream.broker import Frame
 from flask_eventstream.broker import parse_id
 from flask_eventstream.broker import Subscription
@@ -55,7 +56,7 @@ def stream_app(ext: EventStream | None = None, **config: t.Any) -> Flask:
 
 
 def ext_of(app: Flask) -> EventStream:
-    return t.cast(EventStream, app.extensions["eventstream"].owner)
+    return t.cast(EventStream, app.extensions["eventstream"])
 
 
 @contextlib.contextmanager
@@ -85,9 +86,8 @@ def received(sub: Subscription) -> list[ReceivedEvent]:
 def test_app_passed_to_the_constructor() -> None:
     app = Flask(__name__)
     ext = EventStream(app)
-    state = app.extensions["eventstream"]
-    assert state.owner is ext
-    assert state.app is app
+    assert app.extensions["eventstream"] is ext
+    assert state_for(app).app is app
 
 
 def test_init_app_in_an_app_factory() -> None:
@@ -99,7 +99,7 @@ def test_init_app_in_an_app_factory() -> None:
         return app
 
     app = create_app()
-    assert app.extensions["eventstream"].owner is ext
+    assert app.extensions["eventstream"] is ext
     with app.app_context():
         sent = ext.publish("lobby", "hi")
     assert sent.id is not None and parse_id(sent.id) is not None
@@ -109,7 +109,7 @@ def test_config_defaults_are_the_spec_table() -> None:
     app = Flask(__name__)
     EventStream(app)
     assert {k: app.config[k] for k in SPEC_DEFAULTS} == SPEC_DEFAULTS
-    settings = app.extensions["eventstream"].settings
+    settings = state_for(app).settings
     assert settings.heartbeat == 15
     assert settings.retry == 3000
     assert settings.redis_url is None
@@ -122,9 +122,9 @@ def test_app_config_wins_over_defaults_and_is_read_at_init_app() -> None:
     app.config.update(EVENTSTREAM_RETRY=500, EVENTSTREAM_HISTORY=0)
     EventStream(app)
     assert app.config["EVENTSTREAM_RETRY"] == 500
-    settings = app.extensions["eventstream"].settings
+    settings = state_for(app).settings
     assert (settings.retry, settings.history, settings.queue_size) == (500, 0, 1000)
-    assert app.extensions["eventstream"].retry_bytes == b"retry: 500\n\n"
+    assert state_for(app).retry_bytes == b"retry: 500\n\n"
 
 
 @pytest.mark.parametrize(
@@ -159,17 +159,14 @@ def test_double_init_app_says_what_to_do() -> None:
     assert "init_app once" in str(info.value)
     with pytest.raises(RuntimeError, match="already registered"):
         EventStream(app)
-    assert app.extensions["eventstream"].owner is ext
+    assert app.extensions["eventstream"] is ext
 
 
 def test_two_apps_in_one_process_have_separate_brokers() -> None:
     ext = EventStream()
     app1 = stream_app(ext)
     app2 = stream_app(ext)
-    assert (
-        app1.extensions["eventstream"].broker
-        is not app2.extensions["eventstream"].broker
-    )
+    assert state_for(app1).broker is not state_for(app2).broker
     r1 = app1.test_client().get("/s?c=lobby", buffered=False)
     r2 = app2.test_client().get("/s?c=lobby", buffered=False)
     with app1.app_context():

@@ -390,7 +390,7 @@ def test_example_private_channel_without_token_is_403_before_any_byte(
     assert response.mimetype != "text/event-stream"
     assert b"retry:" not in response.get_data()
     with example.app_context():
-        assert example.extensions["eventstream"].owner.stats()["connections"] == 0
+        assert example.extensions["eventstream"].stats()["connections"] == 0
 
 
 @pytest.mark.parametrize(

@@ -18,6 +18,7 @@ from flask import request
 from flask_eventstream import EventStream
 from flask_eventstream import eventstream
 from flask_eventstream import PublishError
+from flask_eventstream._state import state_for
 from flask_eventstream.testing import parse
 from flask_eventstream.testing import read_events
 from tests.support.redis import close_app
@@ -56,7 +57,7 @@ def stream_ids(server: RedisServer, channel: str) -> list[str]:
 def wait_registered(app: Flask, channel: str, count: int = 1) -> None:
     """Wait until ``count`` subscribers of ``channel`` are registered with
     the reader (it registers them between two reads of Redis)."""
-    state = app.extensions["eventstream"]
+    state = state_for(app)
     deadline = time.monotonic() + 5
     while state.broker.channels().get(channel, 0) < count:
         assert time.monotonic() < deadline, state.broker.channels()
@@ -119,7 +120,7 @@ def test_ids_increase_across_channels(redis_app: MakeApp, redis_server: RedisSer
 
 def test_event_fields_survive_redis(redis_app: MakeApp):
     app = redis_app()
-    stream = app.extensions["eventstream"].owner
+    stream = app.extensions["eventstream"]
     client = app.test_client()
     response = client.get("/stream/fields", buffered=False)
     from flask_eventstream import Event
@@ -156,7 +157,7 @@ def test_publish_returns_id_and_rejects_bad_input(
     redis_app: MakeApp, redis_server: RedisServer
 ):
     app = redis_app({"EVENTSTREAM_MAX_EVENT_SIZE": 200})
-    stream = app.extensions["eventstream"].owner
+    stream = app.extensions["eventstream"]
     with app.app_context():
         with pytest.raises(ValueError, match="EVENTSTREAM_MAX_EVENT_SIZE"):
             stream.publish("big", "x" * 300)
@@ -171,7 +172,7 @@ def test_publish_returns_id_and_rejects_bad_input(
 
 def test_stats_count_subscribers(redis_app: MakeApp):
     app = redis_app()
-    stream = app.extensions["eventstream"].owner
+    stream = app.extensions["eventstream"]
     client = app.test_client()
     responses = [client.get("/stream/s1", buffered=False) for _ in range(3)]
     with app.app_context():
@@ -536,7 +537,7 @@ def test_publish_error_when_redis_is_down(
     client = app.test_client()
     post(client, "down", "before")
     redis_server.stop()
-    stream = app.extensions["eventstream"].owner
+    stream = app.extensions["eventstream"]
     with app.app_context():
         start = time.monotonic()
         with pytest.raises(PublishError, match="unreachable"):
