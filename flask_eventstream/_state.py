@@ -18,6 +18,7 @@ from . import _gevent
 from . import signals
 from .broker import Backend
 from .broker import Broker
+from .broker import Sink
 from .sse import encode_retry
 from .sse import Event
 
@@ -89,7 +90,8 @@ def _positive(
         )
 
 
-def _make_backend(settings: Settings) -> t.Callable[[Broker], Backend]:
+def _make_backend(settings: Settings) -> t.Callable[[Sink], Backend]:
+    size = settings.max_event_size
     if settings.redis_url:
         try:
             from .backends.redis import RedisBackend
@@ -100,11 +102,15 @@ def _make_backend(settings: Settings) -> t.Callable[[Broker], Backend]:
             ) from e
 
         url = settings.redis_url
-        return lambda broker: RedisBackend(broker, url, history=settings.history)
+        return lambda sink: RedisBackend(
+            sink, url, history=settings.history, max_event_size=size
+        )
 
     from .backends.memory import MemoryBackend
 
-    return lambda broker: MemoryBackend(broker, history=settings.history)
+    return lambda sink: MemoryBackend(
+        sink, history=settings.history, max_event_size=size
+    )
 
 
 class Stream(t.Protocol):
@@ -143,7 +149,6 @@ class AppState:
         self.broker = Broker(
             _make_backend(settings),
             queue_size=settings.queue_size,
-            max_event_size=settings.max_event_size,
             on_delivered=on_delivered,
         )
 

@@ -21,6 +21,7 @@ from collections.abc import Iterator
 
 from . import _gevent
 from ._state import AppState
+from .broker import encode_frame
 from .broker import Frame
 from .broker import Subscription
 from .sse import Event
@@ -213,10 +214,11 @@ class Connection:
         waker = self.waker
         timed = self.task is None  # a plain thread: no watchdog
         while not (self.closed or sub.closed):
-            sub.woken = False
-            waker.clear()
-            # Checked before draining: frames queued after the overflow
-            # follow a gap, and sending them would skip events silently.
+            # Nothing is taken once it overflowed: frames queued after the
+            # overflow follow a gap, and sending them would skip events.
+            frame = sub.take()
+            if frame is not None:
+                return frame
             if sub.overflowed:
                 log.warning(
                     "Event stream %s from %s fell more than %d events behind"
@@ -228,9 +230,6 @@ class Connection:
                 )
                 self.end("overflow")
                 return None
-            frame = sub.drain()
-            if frame is not None:
-                return frame
             frame = self._idle(time.monotonic())
             if frame is not None:
                 return frame
@@ -247,9 +246,7 @@ class Connection:
         gives what is queued already (a replay), or ``None``, so that a view
         that subscribes returns at once."""
         try:
-            sub.woken = False
-            self.waker.clear()
-            yield sub.drain()
+            yield sub.take()
             while (frame := self.next_frame(sub)) is not None:
                 yield frame
         finally:
@@ -295,7 +292,7 @@ class Connection:
             return HEARTBEAT if self._heartbeat_due(time.monotonic()) else None
         if not isinstance(item, Event):
             item = Event(data=item)
-        return self.state.broker.encode(item, None).data
+        return encode_frame(item, None, self.state.settings.max_event_size).data
 
     def body(
         self,

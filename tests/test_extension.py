@@ -72,7 +72,7 @@ def subscriptions(
 
 
 def queued(sub: Subscription) -> list[Frame]:
-    return list(sub._queue)
+    return list(sub.queued)
 
 
 def received(sub: Subscription) -> list[ReceivedEvent]:

@@ -75,7 +75,7 @@ def test_a_subscriber_that_falls_behind_is_cut_off_and_resumes_from_history(
         sub = _connection(slow.response).subscriptions[0]  # type: ignore[union-attr]
         assert sub.overflowed
         # nothing is kept for it: memory stays bounded
-        assert len(sub._queue) == 0
+        assert len(sub.queued) == 0
         with caplog.at_level(logging.WARNING, logger="flask_eventstream"):
             # its stream ends without sending anything more (no event after a gap)
             assert slow.rest() == []
@@ -100,12 +100,12 @@ def test_overflow_clears_the_queue_and_keeps_it_empty() -> None:
     sub = _connection(response).subscriptions[0]  # type: ignore[union-attr]
     for i in range(3):
         ext.publish("q", i)
-    assert len(sub._queue) == 3 and not sub.overflowed
+    assert len(sub.queued) == 3 and not sub.overflowed
     ext.publish("q", "one too many")
-    assert sub.overflowed and len(sub._queue) == 0
+    assert sub.overflowed and len(sub.queued) == 0
     for i in range(100):
         ext.publish("q", i)
-    assert len(sub._queue) == 0
+    assert len(sub.queued) == 0
     response.close()
 
 

@@ -60,12 +60,13 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
 from .. import _gevent
-from ..broker import Broker
+from ..broker import encode_frame
 from ..broker import format_id
 from ..broker import Frame
 from ..broker import Key
 from ..broker import parse_id
 from ..broker import reset_frame
+from ..broker import Sink
 from ..broker import Subscription
 from ..broker import Waker
 from ..exceptions import PublishError
@@ -209,7 +210,7 @@ class _Pending:
 class RedisBackend:
     """A :class:`~flask_eventstream.broker.Backend` on a Redis server.
 
-    :param broker: the broker that fans events out in this process.
+    :param sink: where events read from Redis go (the broker of this process).
     :param url: a ``redis://`` (or ``rediss://``, ``unix://``) URL.
     :param history: entries kept per channel (approximately: Redis trims
         whole nodes of a stream, so a few more may be kept).
@@ -218,13 +219,15 @@ class RedisBackend:
 
     def __init__(
         self,
-        broker: Broker,
+        sink: Sink,
         url: str,
         history: int = 1000,
         *,
+        max_event_size: int = 1 << 20,
         prefix: str = PREFIX,
     ) -> None:
-        self._broker = broker
+        self._sink = sink
+        self._max_event_size = max_event_size
         self._url = url
         self._where = _where(url)
         self._history = max(history, 0)
@@ -247,8 +250,6 @@ class RedisBackend:
         self._counter_script: t.Any = None
         #: Subscriptions waiting for the reader to register them.
         self._pending: list[_Pending] = []
-        #: Registered subscriptions, per channel.
-        self._subs: dict[str, set[Subscription]] = {}
         #: Per channel read by the reader: the id it reads after.
         self._positions: dict[str, Key] = {}
         #: The newest id the reader handed out.
@@ -303,7 +304,9 @@ class RedisBackend:
         if self._closed:
             raise PublishError("The Redis backend is closed.")
         # Validates the size with an id as long as a real one.
-        self._broker.encode(dataclasses.replace(event, id=_SIZE_ID), None)
+        encode_frame(
+            dataclasses.replace(event, id=_SIZE_ID), None, self._max_event_size
+        )
         client = self._redis()
         args: list[str] = [self._maxlen, secrets.token_hex(8), "0", "d", event.text]
         if event.event is not None:
@@ -394,16 +397,6 @@ class RedisBackend:
     def detach(self, sub: Subscription) -> None:
         with self._lock:
             self._pending = [p for p in self._pending if p.sub is not sub]
-            connected = False
-            for channel in sub.channels:
-                subs = self._subs.get(channel)
-                if subs is not None and sub in subs:
-                    connected = True
-                    subs.discard(sub)
-                    if not subs:
-                        del self._subs[channel]
-            if connected:
-                self._broker.disconnect(sub)
 
     def _wake(self, generation: int) -> None:
         """Make the reader register pending subscriptions now."""
@@ -518,7 +511,7 @@ class RedisBackend:
     def _stop_idle(self) -> bool:
         """Stop an idle reader, unless a subscription just came."""
         with self._lock:
-            if self._pending or self._subs:
+            if self._pending or any(map(self._sink.subscribers, self._positions)):
                 return False
             self._reader_running = False
             self._wakeup = None
@@ -528,7 +521,8 @@ class RedisBackend:
         """What to XREAD: every channel with registered subscriptions."""
         with self._lock:
             positions = self._positions
-            for channel in [c for c in positions if c not in self._subs]:
+            subscribers = self._sink.subscribers
+            for channel in [c for c in positions if not subscribers(c)]:
                 del positions[channel]
             return {self._prefix + c: format_id(k) for c, k in positions.items()}
 
@@ -545,10 +539,7 @@ class RedisBackend:
         except BaseException:
             with self._lock:
                 self._pending[:0] = [
-                    p
-                    for p in batch
-                    if not p.sub.closed
-                    and p.sub not in self._subs.get(p.sub.channels[0], ())
+                    p for p in batch if not p.sub.closed and not p.sub.started
                 ]
             raise
 
@@ -581,13 +572,14 @@ class RedisBackend:
         # Events published on a channel this process did not read, between a
         # subscribe() and now, reach the subscriber in its replay, not through
         # the reader: they are announced here (once) instead.
+        subscribers = self._sink.subscribers
         announce: dict[str, Key] = {}
         with self._lock:
             for p in batch:
                 if p.resume or p.since is None:
                     continue
                 for channel in p.sub.channels:
-                    if channel not in self._subs:
+                    if not subscribers(channel):
                         oldest = announce.get(channel)
                         if oldest is None or p.since < oldest:
                             announce[channel] = p.since
@@ -598,32 +590,28 @@ class RedisBackend:
                 sub = p.sub
                 if sub.closed:
                     continue
-                sub.replay(replay)
-                if sub.floor is None or sub.floor < top:
-                    sub.floor = top
-                for channel in sub.channels:
-                    subs = self._subs.get(channel)
-                    if not subs:
-                        # A channel new to the reader: it reads what follows
-                        # this snapshot (nothing older is wanted by anyone).
-                        self._positions[channel] = max(self._cursor, top)
-                        subs = self._subs[channel] = set()
-                    subs.add(sub)
-                self._broker.connect(sub)
-        on_delivered = self._broker.on_delivered
-        if on_delivered is not None and announce:
+                # A channel new to the reader: it reads what follows this
+                # snapshot (nothing older is wanted by anyone).
+                new = [c for c in sub.channels if not subscribers(c)]
+                sub.start(replay, top)
+                for channel in new:
+                    self._positions[channel] = max(self._cursor, top)
+        if announce:
             news = [
                 e
                 for channel, since in announce.items()
                 for e in entries[channel]
                 if e[0] > since
             ]
-            for _, channel, event_id, fields in sorted(news, key=lambda e: e[0]):
+            # The subscribers have these in their replay (their floor keeps
+            # them from a second copy): the application is told of them.
+            for key, channel, event_id, fields in sorted(news, key=_first):
                 event = self._event(event_id, fields)
                 if event is None:
                     continue
+                frame = frames.get(key) or Frame(encode(event), key)
                 try:
-                    on_delivered(channel, event)
+                    self._sink.deliver(channel, frame, event)
                 except Exception:
                     log.exception("Announcing event %s failed.", event_id)
 
@@ -709,7 +697,7 @@ class RedisBackend:
                 if key is not None:
                     items.append((key, channel, event_id, fields))
         items.sort(key=lambda item: item[0])
-        broker = self._broker
+        sink = self._sink
         positions = self._positions
         for key, channel, event_id, fields in items:
             position = positions.get(channel)
@@ -725,7 +713,7 @@ class RedisBackend:
             if event is None:
                 continue
             try:
-                broker.fanout(channel, Frame(encode(event), key), event)
+                sink.deliver(channel, Frame(encode(event), key), event)
             except Exception:
                 # A receiver of event_published failed; the subscribers had
                 # the event already.
@@ -734,18 +722,9 @@ class RedisBackend:
     def _cut_off(self, channel: str, position: Key) -> None:
         """Entries of ``channel`` after ``position`` were trimmed before this
         process read them: end its streams, which resume and are told."""
-        with self._lock:
-            subs = self._subs.pop(channel, set())
-            for sub in subs:
-                for other in sub.channels:
-                    others = self._subs.get(other)
-                    if others is not None:
-                        others.discard(sub)
-                        if not others:
-                            del self._subs[other]
-                self._broker.disconnect(sub)
-                sub.overflowed = True
-                sub.waker.set()
+        subs = self._sink.subscribers(channel)
+        for sub in subs:
+            sub.cut_off()
         log.warning(
             "Events on channel %r after %s were trimmed from Redis before this"
             " process read them; ending its %d streams so that they resume.",
