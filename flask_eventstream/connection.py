@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextvars
 import itertools
 import logging
-import random
 import time
 import typing as t
 from collections.abc import Iterator
@@ -26,6 +25,7 @@ from .broker import Frame
 from .broker import Subscription
 from .sse import Event
 from .sse import HEARTBEAT
+from .timing import Timing
 
 __all__ = ["END", "ENVIRON_KEY", "Connection", "current_connection"]
 
@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 #: What a view's iterator gives when it is exhausted.
 END: t.Any = object()
 _HEARTBEAT = Frame(HEARTBEAT)
+#: What :meth:`Connection.wait` returns when the time it waited for came.
+TICK = Frame(b"")
 #: Seconds a stream that was told to end may take before its greenlet is
 #: killed (it may be stuck in a sleep that is not ours).
 _KILL_GRACE = 0.5
@@ -62,10 +64,7 @@ class Connection:
         "released",
         "started",
         "task",
-        "deadline",
-        "last_write",
-        "writing_since",
-        "send_timeout",
+        "timing",
         "_stop_watch",
         "_cancel_kill",
     )
@@ -83,13 +82,12 @@ class Connection:
         #: Whether the body started (and client_connected was sent).
         self.started = False
         self.task = _gevent.current_task()
-        now = time.monotonic()
-        self.last_write = now
-        self.writing_since: float | None = None
-        self.send_timeout = float(settings.send_timeout)
-        self.deadline: float | None = None
-        if settings.max_lifetime:
-            self.deadline = now + settings.max_lifetime * random.uniform(0.9, 1.1)
+        self.timing = Timing(
+            time.monotonic(),
+            settings.heartbeat,
+            settings.send_timeout,
+            settings.max_lifetime,
+        )
         self._stop_watch: t.Callable[[], None] | None = None
         self._cancel_kill: t.Callable[[], None] | None = None
         state.live.add(self)
@@ -117,15 +115,14 @@ class Connection:
             "Dropping event stream %s from %s: a write blocked for more than %ss.",
             self.id,
             self.remote_addr,
-            self.send_timeout,
+            self.timing.send_timeout,
         )
         self.end("timeout")
         _gevent.kill(self.task)
 
     def set_deadline(self, deadline: float) -> None:
         """End the stream at ``deadline`` (monotonic) at the latest."""
-        if self.deadline is None or deadline < self.deadline:
-            self.deadline = deadline
+        self.timing.end_by(deadline)
         self.waker.set()
 
     def _on_eof(self) -> None:
@@ -137,7 +134,7 @@ class Connection:
             return
         self.released = True
         self.closed = True
-        self.writing_since = None
+        self.timing.writing_since = None
         for cancel in (self._stop_watch, self._cancel_kill):
             if cancel is not None:
                 cancel()
@@ -166,79 +163,69 @@ class Connection:
 
     # -- waiting --
 
-    def _timeout(self, now: float) -> float:
-        timeout = self.last_write + self.state.settings.heartbeat - now
-        if self.deadline is not None:
-            timeout = min(timeout, self.deadline - now)
-        return max(timeout, 0.0)
-
-    def _heartbeat_due(self, now: float) -> bool:
-        return now - self.last_write >= self.state.settings.heartbeat
-
-    def _expired(self, now: float) -> bool:
-        return self.deadline is not None and now >= self.deadline
-
-    def due(self, now: float) -> bool:
-        """Whether a heartbeat or the end of the stream is due (for the
-        watchdog's sweep, which wakes such streams on gevent)."""
-        return self._heartbeat_due(now) or self._expired(now)
-
-    def _idle(self, now: float) -> Frame | None:
-        """With nothing to send: end at the deadline, or a heartbeat."""
-        if self._expired(now):
-            self.end("lifetime")
-            return None
-        return _HEARTBEAT if self._heartbeat_due(now) else None
+    def wait(
+        self,
+        sub: Subscription | None = None,
+        until: float | None = None,
+        *,
+        heartbeats: bool = True,
+    ) -> Frame | None:
+        """The one wait of a stream: block until ``sub`` has frames (returned
+        as one), a heartbeat is due (with ``heartbeats``; returned as a
+        heartbeat frame) or ``until`` (monotonic) comes (:data:`TICK`).
+        ``None`` when the stream is to end: told to, at its deadline, or its
+        subscription cut off."""
+        waker = self.waker
+        timing = self.timing
+        # In a plain thread no watchdog wakes the stream for a heartbeat or
+        # its end; on gevent only a wait for ``until`` needs a timer.
+        timed = self.task is None
+        while not (self.closed or sub is not None and sub.closed):
+            if sub is not None:
+                # Nothing is taken once it overflowed: frames queued after
+                # the overflow follow a gap, and sending them would skip
+                # events silently.
+                frame = sub.take()
+                if frame is not None:
+                    return frame
+                if sub.overflowed:
+                    log.warning(
+                        "Event stream %s from %s fell more than %d events behind"
+                        " on %s; disconnecting it (it resumes from history).",
+                        self.id,
+                        self.remote_addr,
+                        self.state.settings.queue_size,
+                        ", ".join(sub.channels),
+                    )
+                    self.end("overflow")
+                    return None
+            else:
+                waker.clear()
+            now = time.monotonic()
+            if timing.expired(now):
+                self.end("lifetime")
+                return None
+            if until is not None and now >= until:
+                return TICK
+            if heartbeats and timing.heartbeat_due(now):
+                return _HEARTBEAT
+            if self.closed:
+                return None
+            if until is not None:
+                waker.wait(min(until - now, timing.timeout(now, heartbeats=heartbeats)))
+            else:
+                waker.wait(timing.timeout(now) if timed else None)
+        return None
 
     def sleep(self, seconds: float) -> None:
         """Sleep, returning early if the stream is told to end or reaches its
         deadline (``EVENTSTREAM_MAX_LIFETIME``, or a test's timeout)."""
-        end = time.monotonic() + seconds
-        waker = self.waker
-        while not self.closed:
-            now = time.monotonic()
-            if self._expired(now):
-                self.end("lifetime")
-                return
-            until = end if self.deadline is None else min(end, self.deadline)
-            if now >= until:
-                return
-            waker.clear()
-            if self.closed:
-                return
-            waker.wait(until - now)
+        self.wait(until=time.monotonic() + seconds, heartbeats=False)
 
     def next_frame(self, sub: Subscription) -> Frame | None:
         """Block until ``sub`` has frames or a heartbeat is due, and return
         them; ``None`` when the stream is to end."""
-        waker = self.waker
-        timed = self.task is None  # a plain thread: no watchdog
-        while not (self.closed or sub.closed):
-            # Nothing is taken once it overflowed: frames queued after the
-            # overflow follow a gap, and sending them would skip events.
-            frame = sub.take()
-            if frame is not None:
-                return frame
-            if sub.overflowed:
-                log.warning(
-                    "Event stream %s from %s fell more than %d events behind"
-                    " on %s; disconnecting it (it resumes from history).",
-                    self.id,
-                    self.remote_addr,
-                    self.state.settings.queue_size,
-                    ", ".join(sub.channels),
-                )
-                self.end("overflow")
-                return None
-            frame = self._idle(time.monotonic())
-            if frame is not None:
-                return frame
-            if self.closed:
-                return None
-            # On gevent the watchdog's sweep wakes the stream when a
-            # heartbeat or its end is due: no timer per wait.
-            waker.wait(self._timeout(time.monotonic()) if timed else None)
-        return None
+        return self.wait(sub)
 
     def follow(self, sub: Subscription) -> Iterator[Frame | None]:
         """Iterate a subscription: its frames, heartbeats while idle, and an
@@ -262,26 +249,17 @@ class Connection:
         """Call ``view`` every ``interval`` seconds (the first call has been
         made by the caller), with heartbeats in between."""
         next_at = time.monotonic() + interval
-        waker = self.waker
         while not self.closed:
-            now = time.monotonic()
-            if now >= next_at:
-                yield view(*args, **kwargs)
-                next_at += interval
-                if next_at < time.monotonic():
-                    next_at = time.monotonic() + interval
-                continue
-            waker.clear()
-            if self.closed:
+            got = self.wait(until=next_at)
+            if got is None:
                 return
-            # Woken by its own timeout, or by the watchdog when a heartbeat
-            # or the end is due: either way, look.
-            waker.wait(min(next_at - now, self._timeout(now)))
-            now = time.monotonic()
-            if now < next_at:
-                beat = self._idle(now)
-                if beat is not None:
-                    yield beat
+            if got is not TICK:
+                yield got  # a heartbeat
+                continue
+            yield view(*args, **kwargs)
+            next_at += interval
+            if next_at < time.monotonic():
+                next_at = time.monotonic() + interval
 
     # -- the body --
 
@@ -289,7 +267,7 @@ class Connection:
         if type(item) is Frame:
             return item.data
         if item is None:
-            return HEARTBEAT if self._heartbeat_due(time.monotonic()) else None
+            return HEARTBEAT if self.timing.heartbeat_due(time.monotonic()) else None
         if not isinstance(item, Event):
             item = Event(data=item)
         return encode_frame(item, None, self.state.settings.max_event_size).data
@@ -335,15 +313,16 @@ class Connection:
             # write) and frames, the common item, skip _to_bytes.
             monotonic = time.monotonic
             to_bytes = self._to_bytes
+            timing = self.timing
             while True:
-                self.writing_since = now = monotonic()
+                timing.writing_since = now = monotonic()
                 yield data
-                self.writing_since = None
-                self.last_write = now
+                timing.writing_since = None
+                timing.last_write = now
                 while True:
                     if self.closed:
                         return
-                    deadline = self.deadline
+                    deadline = timing.deadline
                     if deadline is not None and monotonic() >= deadline:
                         self.end("lifetime")
                         return

@@ -157,6 +157,14 @@ def test_sse_imports_only_the_standard_library() -> None:
     )
 
 
+def test_timing_imports_only_the_standard_library() -> None:
+    _run_blocked(
+        "flask_eventstream.timing",
+        FRAMEWORKS,
+        "assert m.Timing(0.0, 15, 30).heartbeat_due(15.0)",
+    )
+
+
 def test_broker_and_memory_backend_need_only_blinker() -> None:
     _run_blocked(
         "flask_eventstream.backends.memory",
