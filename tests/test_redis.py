@@ -153,6 +153,35 @@ def test_fanout_to_many_subscribers_on_one_process(redis_app: MakeApp):
         assert [e.id for e in read_events(response, 10)] == ids
 
 
+def test_each_event_is_encoded_once_on_the_publishing_process(
+    redis_app: MakeApp, monkeypatch: pytest.MonkeyPatch
+):
+    import flask_eventstream.backends.redis.reader as reader_module
+    import flask_eventstream.broker as broker_module
+    from flask_eventstream.sse import encode
+
+    encoded: list[str | None] = []
+
+    def counting(event: t.Any) -> bytes:
+        encoded.append(event.text)
+        return encode(event)
+
+    app = redis_app()
+    client = app.test_client()
+    responses = [client.get("/stream/once", buffered=False) for _ in range(3)]
+    wait_registered(app, "once", 3)
+    monkeypatch.setattr(broker_module, "encode", counting)
+    monkeypatch.setattr(reader_module, "encode", counting)
+    ids = [post(client, "once", f"e{i}") for i in range(4)]
+    for response in responses:
+        events = read_events(response, 4)
+        assert [(e.id, e.data) for e in events] == [
+            (event_id, f"e{i}") for i, event_id in enumerate(ids)
+        ]
+    # Once to check the size; the reader sends those bytes, with the id.
+    assert encoded == ["e0", "e1", "e2", "e3"]
+
+
 def test_publish_returns_id_and_rejects_bad_input(
     redis_app: MakeApp, redis_server: RedisServer
 ):
@@ -397,7 +426,7 @@ def test_event_published_signal_on_the_reading_process(redis_app: MakeApp):
 def test_reader_cuts_off_streams_that_fell_behind_trimming(
     start_redis: t.Callable[..., RedisServer],
 ):
-    from flask_eventstream.backends.redis import _PUBLISH
+    from flask_eventstream.backends.redis.scripts import PUBLISH
 
     server = start_redis(extra=["--stream-node-max-entries", "2"])
     from example_app import create_app
@@ -420,7 +449,7 @@ def test_reader_cuts_off_streams_that_fell_behind_trimming(
         # 40 events in one transaction: trimmed to about 2 before the
         # reader can see them.
         admin = server.client()
-        script = admin.register_script(_PUBLISH)
+        script = admin.register_script(PUBLISH)
         pipe = admin.pipeline(transaction=True)
         for i in range(40):
             script(
@@ -583,10 +612,10 @@ def test_without_client_unblock_permission(
 def test_a_retried_publish_is_added_once(redis_server: RedisServer):
     # publish() retries with the same token after an error that may have
     # come after Redis ran the script (a reply lost in a restart).
-    from flask_eventstream.backends.redis import _PUBLISH
+    from flask_eventstream.backends.redis.scripts import PUBLISH
 
     admin = redis_server.client()
-    script = admin.register_script(_PUBLISH)
+    script = admin.register_script(PUBLISH)
     keys = ["eventstream:once", "eventstream:~meta"]
     first = script(keys=keys, args=["10", "tok-a", "0", "d", "x"])
     other = script(keys=keys, args=["10", "tok-b", "0", "d", "y"])

@@ -5,7 +5,6 @@ from __future__ import annotations
 import bisect
 import collections
 import dataclasses
-import heapq
 import threading
 import time
 
@@ -13,10 +12,11 @@ from ..broker import encode_frame
 from ..broker import format_id
 from ..broker import Frame
 from ..broker import Key
-from ..broker import reset_frame
 from ..broker import Sink
 from ..broker import Subscription
 from ..sse import Event
+from .planning import replay
+from .planning import reset_reason
 
 __all__ = ["MemoryBackend"]
 
@@ -115,20 +115,16 @@ class MemoryBackend:
             sub.start(frames, self._last)
 
     def _missed(self, channels: tuple[str, ...], last: Key) -> list[Frame]:
-        # Older than this process, or newer than anything it assigned.
-        reason = "unknown" if last < self._start or last > self._last else None
         streams = []
+        dropped = []
         for name in channels:
             state = self._channels.get(name)
-            if state is None:
-                continue
-            if reason is None and state.dropped is not None and state.dropped > last:
-                reason = "expired"
-            streams.append(_after(state.history, last))
-        frames = list(heapq.merge(*streams, key=_key)) if streams else []
-        if reason is not None:
-            frames.insert(0, reset_frame(reason, format_id(last), self._last))
-        return frames
+            if state is not None:
+                dropped.append(state.dropped)
+                streams.append(_after(state.history, last))
+        # Older than this process, or newer than anything it assigned.
+        reason = reset_reason(last, self._start, self._last, dropped)
+        return replay(last, reason, self._last, streams, _key, _same)
 
     def detach(self, sub: Subscription) -> None:
         pass
@@ -141,6 +137,10 @@ class MemoryBackend:
 def _key(frame: Frame) -> Key:
     assert frame.key is not None
     return frame.key
+
+
+def _same(frame: Frame) -> Frame:
+    return frame
 
 
 def _after(history: collections.deque[Frame], last: Key) -> list[Frame]:
