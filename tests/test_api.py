@@ -43,7 +43,7 @@ def test_all_is_complete_and_sorted() -> None:
         assert getattr(flask_eventstream, name) is not None
 
 
-def test_spec_names_are_public() -> None:
+def test_documented_names_are_public() -> None:
     from flask_eventstream import Event  # noqa: F401
     from flask_eventstream import EventStream  # noqa: F401
     from flask_eventstream import eventstream  # noqa: F401
@@ -82,7 +82,7 @@ def test_submodule_all_names_exist(module: str) -> None:
         assert hasattr(mod, name), f"{module}.{name}"
 
 
-def test_testing_module_exposes_the_spec_helpers() -> None:
+def test_testing_module_exposes_the_documented_helpers() -> None:
     from flask_eventstream import testing
 
     assert set(testing.__all__) == {
@@ -93,7 +93,7 @@ def test_testing_module_exposes_the_spec_helpers() -> None:
     }
 
 
-def test_signals_module_exposes_the_spec_signals() -> None:
+def test_signals_module_exposes_the_documented_signals() -> None:
     from flask_eventstream import signals
 
     assert set(signals.__all__) == {

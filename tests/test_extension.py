@@ -25,7 +25,7 @@ from flask_eventstream.testing import parse
 from flask_eventstream.testing import read_events
 from flask_eventstream.testing import ReceivedEvent
 
-SPEC_DEFAULTS = {
+DOCUMENTED_DEFAULTS = {
     "EVENTSTREAM_REDIS_URL": None,
     "EVENTSTREAM_HEARTBEAT": 15,
     "EVENTSTREAM_RETRY": 3000,
@@ -105,10 +105,10 @@ def test_init_app_in_an_app_factory() -> None:
     assert sent.id is not None and parse_id(sent.id) is not None
 
 
-def test_config_defaults_are_the_spec_table() -> None:
+def test_config_defaults_are_the_documented_table() -> None:
     app = Flask(__name__)
     EventStream(app)
-    assert {k: app.config[k] for k in SPEC_DEFAULTS} == SPEC_DEFAULTS
+    assert {k: app.config[k] for k in DOCUMENTED_DEFAULTS} == DOCUMENTED_DEFAULTS
     settings = state_for(app).settings
     assert settings.heartbeat == 15
     assert settings.retry == 3000

@@ -127,7 +127,7 @@ def test_view_returning_one_value_sends_it_and_ends(value: t.Any, wire: bytes) -
 
 
 def test_view_returning_a_list_of_events_is_one_json_event() -> None:
-    # A list is JSON data (SPEC), not a sequence of events.
+    # A list is JSON data, not a sequence of events.
     app, _ = make_app()
 
     @app.get("/l")
