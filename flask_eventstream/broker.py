@@ -16,6 +16,7 @@ import re
 import threading
 import typing as t
 
+from .observe import Observer
 from .sse import encode
 from .sse import Event
 
@@ -171,6 +172,7 @@ class Subscription:
         "overflowed",
         "closed",
         "started",
+        "resuming",
         "woken",
         "_queue",
         "_limit",
@@ -194,6 +196,8 @@ class Subscription:
         self.closed = False
         #: Registered for live frames (by :meth:`start`).
         self.started = False
+        #: The client asked to resume from an id.
+        self.resuming = False
         #: Set when the waker was set for frames not yet drained; spares a
         #: wake-up per event for a subscriber that is already awake.
         self.woken = False
@@ -227,12 +231,17 @@ class Subscription:
             self.woken = True
             self._waker.set()
 
-    def start(self, frames: list[Frame], floor: Key | None) -> None:
+    def start(
+        self, frames: list[Frame], floor: Key | None, reset: str | None = None
+    ) -> None:
         """Queue the missed ``frames`` ahead of any live ones, as one chunk,
         and register for live frames newer than ``floor`` (and than the
-        replay). The backend calls this once, when it knows what was missed."""
+        replay). The backend calls this once, when it knows what was missed;
+        ``reset`` is the reason of the reset among ``frames``, if any."""
         if self.closed or self.started:
             return
+        if self.resuming:
+            self.broker.observer.resumed(self.channels, reset or "exact")
         if frames:
             key = frames[-1].key
             queue = self._queue
@@ -381,6 +390,8 @@ class Broker:
         on_delivered: t.Callable[[str, Event], None] | None = None,
     ) -> None:
         self.registry = Registry()
+        #: Told of every publish and delivery (see :mod:`.observe`).
+        self.observer = Observer()
         self.queue_size = queue_size
         self.on_delivered = on_delivered
         self.backend = backend_factory(self)
@@ -388,8 +399,10 @@ class Broker:
     # -- the sink --
 
     def deliver(self, channel: str, frame: Frame, event: Event) -> None:
-        for sub in self.registry.of(channel):
+        subs = self.registry.of(channel)
+        for sub in subs:
             sub.deliver(frame)
+        self.observer.delivered(channel, event, len(subs))
         if self.on_delivered is not None:
             self.on_delivered(channel, event)
 
@@ -399,8 +412,14 @@ class Broker:
     # -- the API --
 
     def publish(self, channel: str, event: Event) -> Event:
-        validate_channel(channel)
-        return self.backend.publish(channel, event)
+        try:
+            validate_channel(channel)
+            sent = self.backend.publish(channel, event)
+        except Exception as e:
+            self.observer.publish_failed(channel, e)
+            raise
+        self.observer.published(channel, sent)
+        return sent
 
     def subscribe(
         self,
@@ -415,6 +434,7 @@ class Broker:
             validate_channel(channel)
         channels = tuple(dict.fromkeys(channels))
         sub = Subscription(self, channels, waker, self.queue_size, follow)
+        sub.resuming = last_id is not None
         self.backend.attach(sub, parse_id(last_id))
         return sub
 

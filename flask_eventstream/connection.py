@@ -154,6 +154,7 @@ class Connection:
         )
         if not self.started:
             return
+        state.broker.observer.stream_ended(self.id, channels, self.reason)
         state.send_disconnected(
             channels=channels,
             connection_id=self.id,
@@ -301,6 +302,7 @@ class Connection:
                 self._stop_watch = _gevent.watch_disconnect(environ, self._on_eof)
                 self.state.watchdog.add(self)
             self.started = True
+            self.state.broker.observer.stream_opened(self.id, self._channels())
             self.state.send_connected(
                 channels=self._channels(),
                 connection_id=self.id,

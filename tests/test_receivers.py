@@ -7,33 +7,25 @@ from __future__ import annotations
 import time
 import typing as t
 
-import flask
 import pytest
 from flask import Flask
 
 from flask_eventstream import EventStream
-from flask_eventstream import eventstream
 from flask_eventstream import signals
 from flask_eventstream.testing import read_events
 from tests.support.redis import close_app
+from tests.support.servers import make_app
 
 BACKENDS = ["memory", pytest.param("redis", marks=pytest.mark.redis)]
 
 
 @pytest.fixture(params=BACKENDS)
 def app(request: pytest.FixtureRequest) -> t.Iterator[Flask]:
-    app = Flask(__name__)
+    config: dict[str, t.Any] = {}
     if request.param == "redis":
-        app.config["EVENTSTREAM_REDIS_URL"] = request.getfixturevalue(
-            "redis_server"
-        ).url
-    stream = EventStream(app)
-
-    @app.get("/s")
-    @eventstream
-    def subscribe() -> t.Any:
-        return stream.subscribe(*flask.request.args.getlist("c"))
-
+        url = request.getfixturevalue("redis_server").url
+        config["EVENTSTREAM_REDIS_URL"] = url
+    app, _ = make_app(**config)
     yield app
     close_app(app)
 

@@ -13,16 +13,14 @@ import typing as t
 
 import pytest
 from flask import Flask
-from flask import request
 
-from flask_eventstream import EventStream
-from flask_eventstream import eventstream
 from flask_eventstream import PublishError
 from flask_eventstream._state import state_for
 from flask_eventstream.testing import parse
 from flask_eventstream.testing import read_events
 from tests.support.redis import close_app
 from tests.support.redis import RedisServer
+from tests.support.servers import make_app
 
 pytestmark = pytest.mark.redis
 
@@ -62,25 +60,6 @@ def wait_registered(app: Flask, channel: str, count: int = 1) -> None:
     while state.broker.channels().get(channel, 0) < count:
         assert time.monotonic() < deadline, state.broker.channels()
         time.sleep(0.005)
-
-
-def multi_app(url: str, config: t.Mapping[str, t.Any] | None = None) -> Flask:
-    """An app with ``/multi?ch=a&ch=b``: one stream on several channels."""
-    app = Flask(__name__)
-    app.config.update(EVENTSTREAM_REDIS_URL=url, **(config or {}))
-    stream = EventStream(app)
-
-    @app.get("/multi")
-    @eventstream
-    def multi() -> t.Any:
-        return stream.subscribe(*request.args.getlist("ch"))
-
-    @app.post("/pub/<channel>")
-    def pub(channel: str) -> t.Any:
-        return {"id": stream.publish(channel, request.get_json()).id}, 202
-
-    app.extensions["test_stream"] = stream
-    return app
 
 
 # -- publish and subscribe --
@@ -256,7 +235,7 @@ def test_resume_from_newest_id_replays_nothing(redis_app: MakeApp):
 
 
 def test_resume_several_channels_exactly_once_in_order(redis_server: RedisServer):
-    app = multi_app(redis_server.url)
+    app = make_app(EVENTSTREAM_REDIS_URL=redis_server.url)[0]
     try:
         client = app.test_client()
         sent = []
@@ -266,7 +245,7 @@ def test_resume_several_channels_exactly_once_in_order(redis_server: RedisServer
             sent.append((f"{channel}{i}", response.get_json()["id"]))
         # Resume a subscription to a and b from an event on c.
         stream = client.get(
-            "/multi?ch=a&ch=b", headers={"Last-Event-ID": sent[5][1]}, buffered=False
+            "/s?c=a&c=b", headers={"Last-Event-ID": sent[5][1]}, buffered=False
         )
         live = client.post("/pub/b", json="live").get_json()["id"]
         events = read_events(stream, 5)
@@ -277,11 +256,11 @@ def test_resume_several_channels_exactly_once_in_order(redis_server: RedisServer
 
 
 def test_new_subscriber_gets_only_events_after_subscribing(redis_server: RedisServer):
-    app = multi_app(redis_server.url)
+    app = make_app(EVENTSTREAM_REDIS_URL=redis_server.url)[0]
     try:
         client = app.test_client()
         client.post("/pub/a", json="before")
-        stream = client.get("/multi?ch=a&ch=b", buffered=False)
+        stream = client.get("/s?c=a&c=b", buffered=False)
         ids = [client.post(f"/pub/{c}", json=c).get_json()["id"] for c in "abab"]
         assert [(e.data, e.id) for e in read_events(stream, 4)] == list(
             zip("abab", ids, strict=True)

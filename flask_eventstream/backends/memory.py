@@ -109,12 +109,17 @@ class MemoryBackend:
 
     def attach(self, sub: Subscription, last: Key | None) -> None:
         with self._lock:
-            frames = self._missed(sub.channels, last) if last is not None else []
+            frames, reason = (
+                self._missed(sub.channels, last) if last is not None else ([], None)
+            )
             # Events still in the outbox are older than the subscription (or
             # in its replay): the floor keeps them out of its live queue.
-            sub.start(frames, self._last)
+            sub.start(frames, self._last, reason)
 
-    def _missed(self, channels: tuple[str, ...], last: Key) -> list[Frame]:
+    def _missed(
+        self, channels: tuple[str, ...], last: Key
+    ) -> tuple[list[Frame], str | None]:
+        """The frames missed after ``last``, and the reset reason if any."""
         streams = []
         dropped = []
         for name in channels:
@@ -124,7 +129,7 @@ class MemoryBackend:
                 streams.append(_after(state.history, last))
         # Older than this process, or newer than anything it assigned.
         reason = reset_reason(last, self._start, self._last, dropped)
-        return replay(last, reason, self._last, streams, _key, _same)
+        return replay(last, reason, self._last, streams, _key, _same), reason
 
     def detach(self, sub: Subscription) -> None:
         pass

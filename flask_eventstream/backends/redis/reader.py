@@ -439,7 +439,7 @@ class Reader:
                 # A channel new to the reader: it reads what follows this
                 # snapshot (nothing older is wanted by anyone).
                 new = [c for c in sub.channels if not subscribers(c)]
-                sub.start(queued, top)
+                sub.start(queued, top, reason)
                 for channel in new:
                     self._positions[channel] = max(self.cursor, top)
         if announce:
