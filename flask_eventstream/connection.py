@@ -16,6 +16,7 @@ import itertools
 import logging
 import time
 import typing as t
+import weakref
 from collections.abc import Iterator
 
 from . import _gevent
@@ -27,7 +28,14 @@ from .sse import Event
 from .sse import HEARTBEAT
 from .timing import Timing
 
-__all__ = ["END", "ENVIRON_KEY", "Connection", "current_connection"]
+__all__ = [
+    "END",
+    "ENVIRON_KEY",
+    "Connection",
+    "current_connection",
+    "find_connection",
+    "keep_connection",
+]
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +50,34 @@ _KILL_GRACE = 0.5
 _ids = itertools.count(1)
 #: The environ key under which a request's stream is kept (for testing).
 ENVIRON_KEY = "flask_eventstream.connection"
+
+#: Streams by their request's input stream: a test client that runs the
+#: application with a copy of the environ shares that object with the copy.
+_by_input: weakref.WeakKeyDictionary[t.Any, weakref.ref[Connection]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def keep_connection(environ: t.MutableMapping[str, t.Any], conn: Connection) -> None:
+    """Make ``conn`` findable from its request's environ (or a copy)."""
+    environ[ENVIRON_KEY] = conn
+    try:
+        _by_input[environ.get("wsgi.input")] = weakref.ref(conn)
+    except TypeError:  # no input stream, or one without weak references
+        pass
+
+
+def find_connection(environ: t.Mapping[str, t.Any]) -> Connection | None:
+    """The stream of the request with ``environ`` (or a copy of it)."""
+    conn = environ.get(ENVIRON_KEY)
+    if isinstance(conn, Connection):
+        return conn
+    try:
+        ref = _by_input.get(environ.get("wsgi.input"))
+    except TypeError:
+        return None
+    return ref() if ref is not None else None
+
 
 #: The stream whose body is running in this greenlet or thread.
 current_connection: contextvars.ContextVar[Connection | None] = contextvars.ContextVar(

@@ -26,7 +26,7 @@ from .broker import Subscription
 from .connection import Connection
 from .connection import current_connection
 from .connection import END
-from .connection import ENVIRON_KEY
+from .connection import keep_connection
 from .sse import Event
 
 __all__ = ["eventstream"]
@@ -71,7 +71,7 @@ def _make_response(
         abort(response)
     state.check_server(request.environ)
     conn = Connection(state, request.environ)
-    request.environ[ENVIRON_KEY] = conn
+    keep_connection(request.environ, conn)
     token = current_connection.set(conn)
     try:
         rv = view(*args, **kwargs)

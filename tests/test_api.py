@@ -88,6 +88,7 @@ def test_testing_module_exposes_the_documented_helpers() -> None:
     assert set(testing.__all__) == {
         "EventParser",
         "ReceivedEvent",
+        "connection",
         "parse",
         "read_events",
     }

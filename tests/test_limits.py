@@ -15,7 +15,7 @@ from flask_eventstream import Event
 from flask_eventstream import eventstream
 from flask_eventstream import signals
 from flask_eventstream.sse import EventParser
-from flask_eventstream.testing import _connection
+from flask_eventstream.testing import connection
 from flask_eventstream.testing import read_events
 from flask_eventstream.testing import ReceivedEvent
 from tests.support.servers import make_app
@@ -72,7 +72,7 @@ def test_a_subscriber_that_falls_behind_is_cut_off_and_resumes_from_history(
         for i in range(2, 30):
             sent.append(ext.publish("feed", i))
             assert fast.step() == [rec(sent[-1])]
-        sub = _connection(slow.response).subscriptions[0]  # type: ignore[union-attr]
+        sub = connection(slow.response).subscriptions[0]  # type: ignore[union-attr]
         assert sub.overflowed
         # nothing is kept for it: memory stays bounded
         assert len(sub.queued) == 0
@@ -97,7 +97,7 @@ def test_a_subscriber_that_falls_behind_is_cut_off_and_resumes_from_history(
 def test_overflow_clears_the_queue_and_keeps_it_empty() -> None:
     app, ext = make_app(EVENTSTREAM_QUEUE_SIZE=3)
     response = app.test_client().get("/s?c=q", buffered=False)
-    sub = _connection(response).subscriptions[0]  # type: ignore[union-attr]
+    sub = connection(response).subscriptions[0]  # type: ignore[union-attr]
     for i in range(3):
         ext.publish("q", i)
     assert len(sub.queued) == 3 and not sub.overflowed
@@ -271,7 +271,7 @@ def test_max_lifetime_has_jitter_within_ten_percent() -> None:
     for _ in range(20):
         start = time.monotonic()
         response = client.get("/s?c=j", buffered=False)
-        conn = _connection(response)
+        conn = connection(response)
         assert conn is not None and conn.timing.deadline is not None
         spans.append(conn.timing.deadline - start)
         response.close()

@@ -19,7 +19,7 @@ from flask_eventstream import Event
 from flask_eventstream import EventStream
 from flask_eventstream import eventstream
 from flask_eventstream.sse import HEARTBEAT
-from flask_eventstream.testing import _connection
+from flask_eventstream.testing import connection
 from flask_eventstream.testing import parse
 from flask_eventstream.testing import read_events
 from flask_eventstream.testing import ReceivedEvent
@@ -34,7 +34,7 @@ def make_app(**config: t.Any) -> tuple[Flask, EventStream]:
 def read_chunks(response: t.Any, count: int, timeout: float = 5.0) -> list[bytes]:
     """Read up to ``count`` raw chunks; the stream is told to end after
     ``timeout``. Closes the response."""
-    conn = _connection(response)
+    conn = connection(response)
     if conn is not None:
         conn.set_deadline(time.monotonic() + timeout)
     chunks: list[bytes] = []
