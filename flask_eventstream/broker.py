@@ -16,6 +16,8 @@ import re
 import threading
 import typing as t
 
+from blinker import Signal
+
 from .observe import Observer
 from .sse import encode
 from .sse import Event
@@ -330,46 +332,79 @@ class Subscription:
         return f"<Subscription {self.channels!r}>"
 
 
-class Registry:
-    """The live subscriptions of one broker, per channel: the only record of
-    who is subscribed to what.
+class _Fanout:
+    """The blinker receiver of one channel: hands a frame to each of the
+    channel's local subscribers, and says to how many.
 
-    A dict per channel makes adding and removing O(1); delivery iterates a
-    snapshot of its keys (one C-level copy), so a thread may subscribe while
-    another publishes.
+    One receiver per channel rather than per subscriber keeps blinker's
+    per-receiver work out of the per-delivery cost. A dict makes adding and
+    removing O(1); delivery iterates a snapshot of its keys (one C-level
+    copy), so a thread may subscribe while another publishes.
     """
 
-    __slots__ = ("_channels", "_lock")
+    __slots__ = ("subs",)
 
     def __init__(self) -> None:
-        self._channels: dict[str, dict[Subscription, None]] = {}
+        self.subs: dict[Subscription, None] = {}
+
+    def __call__(self, sender: str, frame: Frame) -> int:
+        subs = tuple(self.subs)
+        for sub in subs:
+            sub.deliver(frame)
+        return len(subs)
+
+
+class Registry:
+    """The live subscriptions of one broker, per channel: the only record of
+    who is subscribed to what, and the fan-out to them.
+
+    Events reach a channel's subscribers through a blinker signal whose
+    sender is the channel name; each channel with local subscribers has one
+    receiver (a :class:`_Fanout`), connected with its first subscriber and
+    disconnected with its last. Only this class connects or disconnects it.
+    """
+
+    __slots__ = ("_channels", "_lock", "_signal")
+
+    def __init__(self) -> None:
+        self._channels: dict[str, _Fanout] = {}
         self._lock = threading.Lock()
+        self._signal = Signal("flask_eventstream.fanout")
 
     def add(self, sub: Subscription) -> None:
         with self._lock:
             for channel in sub.channels:
-                subs = self._channels.get(channel)
-                if subs is None:
-                    subs = self._channels[channel] = {}
-                subs[sub] = None
+                fanout = self._channels.get(channel)
+                if fanout is None:
+                    fanout = self._channels[channel] = _Fanout()
+                    self._signal.connect(fanout, sender=channel, weak=False)
+                fanout.subs[sub] = None
 
     def discard(self, sub: Subscription) -> None:
         with self._lock:
             for channel in sub.channels:
-                subs = self._channels.get(channel)
-                if subs is None or sub not in subs:
+                fanout = self._channels.get(channel)
+                if fanout is None or sub not in fanout.subs:
                     continue
-                del subs[sub]
-                if not subs:
+                del fanout.subs[sub]
+                if not fanout.subs:
                     del self._channels[channel]
+                    self._signal.disconnect(fanout, sender=channel)
+
+    def send(self, channel: str, frame: Frame) -> int:
+        """Hand ``frame`` to every local subscriber of ``channel``; return
+        how many there were. Receivers only queue: this never blocks."""
+        if channel not in self._channels:
+            return 0
+        return sum(n for _, n in self._signal.send(channel, frame=frame))
 
     def of(self, channel: str) -> tuple[Subscription, ...]:
-        subs = self._channels.get(channel)
-        return tuple(subs) if subs else ()
+        fanout = self._channels.get(channel)
+        return tuple(fanout.subs) if fanout is not None else ()
 
     def counts(self) -> dict[str, int]:
         with self._lock:
-            return {name: len(subs) for name, subs in self._channels.items()}
+            return {name: len(f.subs) for name, f in self._channels.items()}
 
 
 class Broker:
@@ -399,10 +434,8 @@ class Broker:
     # -- the sink --
 
     def deliver(self, channel: str, frame: Frame, event: Event) -> None:
-        subs = self.registry.of(channel)
-        for sub in subs:
-            sub.deliver(frame)
-        self.observer.delivered(channel, event, len(subs))
+        count = self.registry.send(channel, frame)
+        self.observer.delivered(channel, event, count)
         if self.on_delivered is not None:
             self.on_delivered(channel, event)
 
