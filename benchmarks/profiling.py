@@ -24,7 +24,10 @@ async def record(
 
     ``native`` adds C frames (the garbage collector, gevent's Cython, libc),
     which needs py-spy to pause the process for each sample."""
-    binary = shutil.which("py-spy")
+    # Beside the interpreter first: pip puts py-spy in the venv's bin/, which
+    # need not be on PATH.
+    beside = Path(sys.executable).parent / "py-spy"
+    binary = str(beside) if beside.exists() else shutil.which("py-spy")
     if binary is None:
         return "py-spy is not installed (pip install py-spy)"
     proc = await asyncio.create_subprocess_exec(

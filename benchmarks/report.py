@@ -1,4 +1,4 @@
-"""Readable tables, the targets of issue 4, and the Markdown summary."""
+"""Readable tables, the performance targets, and the Markdown summary."""
 
 from __future__ import annotations
 
@@ -205,7 +205,7 @@ def _check(value: t.Any, ok: t.Callable[[t.Any], bool]) -> str:
 
 
 def targets(results: list[dict[str, t.Any]], n: dict[str, int]) -> list[Row]:
-    """``(target, measured, status, note)`` rows for issue 4's targets."""
+    """``(target, measured, status, note)`` rows for the performance targets."""
     rows: list[Row] = []
     tp = _find(results, "throughput")
     r = _get(tp, "ratio", "deliveries_per_s")
@@ -324,7 +324,7 @@ def markdown(
         "- Server pinned to CPU 0, load client (and redis-server) to CPU 1"
         " with taskset.",
         "",
-        "### Targets (issue 4)",
+        "### Targets",
         "",
         md_table(target_rows, ("target", "measured", "status", "unit / note")),
         "",

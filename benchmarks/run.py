@@ -1,4 +1,4 @@
-"""Run the benchmark suite of issue 4: ``python -m benchmarks`` (add
+"""Run the benchmark suite: ``python -m benchmarks`` (add
 ``--quick`` while developing, ``--only NAME`` for one measurement).
 
 Each measurement starts its servers on free ports (the library's example app
@@ -987,7 +987,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     print(
         report.table(
-            "targets (issue 4)",
+            "targets",
             target_rows,
             ("target", "measured", "status", "unit / note"),
         )

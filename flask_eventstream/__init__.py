@@ -5,6 +5,7 @@ from __future__ import annotations
 from .exceptions import EventStreamError
 from .exceptions import PublishError
 from .extension import EventStream
+from .request import last_event_id
 from .sse import Event
 from .views import eventstream
 
@@ -14,4 +15,5 @@ __all__ = [
     "EventStreamError",
     "PublishError",
     "eventstream",
+    "last_event_id",
 ]

@@ -299,17 +299,24 @@ def watch_disconnect(
     return stop
 
 
-class _Watched(t.Protocol):
+class _Timing(t.Protocol):
     #: monotonic time a write started, or None when not writing.
     writing_since: float | None
-    send_timeout: float
-    waker: Waker
-
-    def on_send_timeout(self) -> None: ...
 
     def due(self, now: float) -> bool:
         """Whether a heartbeat or the end of its lifetime is due."""
         ...
+
+    def send_timed_out(self, now: float) -> bool: ...
+
+
+class _Watched(t.Protocol):
+    @property
+    def timing(self) -> _Timing: ...
+    @property
+    def waker(self) -> Waker: ...
+
+    def on_send_timeout(self) -> None: ...
 
 
 class Watchdog:
@@ -342,11 +349,11 @@ class Watchdog:
             gevent.sleep(self._tick)
             now = time.monotonic()
             for stream in list(self._streams):
-                since = stream.writing_since
-                if since is None:
-                    if stream.due(now):
+                timing = stream.timing
+                if timing.writing_since is None:
+                    if timing.due(now):
                         stream.waker.set()
-                elif now - since > stream.send_timeout:
+                elif timing.send_timed_out(now):
                     self._streams.discard(stream)
                     stream.on_send_timeout()
 

@@ -9,6 +9,7 @@ section 9.2.6, "Interpreting an event stream").
 from __future__ import annotations
 
 import codecs
+import enum
 import json
 import re
 import typing as t
@@ -82,14 +83,29 @@ def _data_text(data: object) -> str:
     return _check_text("data", text)
 
 
+class _Missing(enum.Enum):
+    NO_DATA = "NO_DATA"
+
+    def __repr__(self) -> str:
+        return "<no data>"
+
+
+#: The default of :attr:`Event.data`: no ``data`` at all, not even empty.
+_NO_DATA = _Missing.NO_DATA
+
+
 @dataclass(frozen=True)
 class Event:
     """One server-sent event.
 
     :param data: the payload. A ``str`` is sent as is, ``bytes`` must be UTF-8,
-        anything else is serialised as compact JSON.
+        anything else is serialised as compact JSON. Leave it out for a block
+        that browsers do not dispatch: comment lines, an ``id`` that only
+        moves the client's last event id, a ``retry`` that only sets its
+        reconnection delay. ``data=""`` is an event with empty data.
     :param event: the event type; ``None`` sends an unnamed event, which
-        browsers dispatch as ``message``.
+        browsers dispatch as ``message``. An event type without ``data``
+        is dispatched with empty data.
     :param id: the event id. Events published through a channel get an id
         assigned by the library; generator views may set their own.
     :param retry: the reconnection delay, in milliseconds, for the client.
@@ -100,16 +116,22 @@ class Event:
     :raises TypeError: if ``data`` cannot be serialised, or a field has the
         wrong type.
 
+    .. versionchanged:: 0.2
+        Without ``data`` (and without ``event``) no ``data:`` line is sent,
+        so browsers dispatch nothing; before, an empty ``message`` was
+        dispatched.
+
     .. versionadded:: 0.1
     """
 
-    data: t.Any = ""
+    data: t.Any = _NO_DATA
     event: str | None = None
     id: str | None = None
     retry: int | None = None
     comment: str | None = None
-    #: ``data`` as the text that is sent on the wire.
-    text: str = field(init=False, repr=False, compare=False)
+    #: ``data`` as the text that is sent on the wire, ``None`` when the block
+    #: has no ``data:`` line.
+    text: str | None = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.event is not None:
@@ -130,12 +152,18 @@ class Event:
                     f"Event comment must be a str, not {type(self.comment).__name__}."
                 )
             _check_text("comment", self.comment)
-        object.__setattr__(self, "text", _data_text(self.data))
+        if self.data is not _NO_DATA:
+            text: str | None = _data_text(self.data)
+        elif self.event is not None:
+            text = ""
+        else:
+            text = None
+        object.__setattr__(self, "text", text)
 
 
 def encode(event: Event) -> bytes:
     """Return the wire bytes of ``event``, ending with the blank line that
-    dispatches it.
+    ends its block (and dispatches it, if it has data).
 
     Line breaks in ``data`` (LF, CRLF or a lone CR) split it into several
     ``data:`` lines, which a conforming parser joins back with LF. Other
@@ -151,8 +179,9 @@ def encode(event: Event) -> bytes:
         parts.append(f"id: {event.id}\n")
     if event.retry is not None:
         parts.append(f"retry: {event.retry}\n")
-    for line in _LINE_BREAK.split(event.text):
-        parts.append(f"data: {line}\n")
+    if event.text is not None:
+        for line in _LINE_BREAK.split(event.text):
+            parts.append(f"data: {line}\n")
     parts.append("\n")
     return "".join(parts).encode("utf-8")
 
@@ -195,6 +224,14 @@ class EventParser:
     after the colon, ``id`` values containing NUL (ignored), ``retry`` values
     that are not all ASCII digits (ignored) and comments.
 
+    :attr:`last_event_id` is what a browser would send back as
+    ``Last-Event-ID``: it changes when a block ends with a blank line, also
+    for a block with an ``id`` and no data, never for a block that has not
+    ended.
+
+    .. versionchanged:: 0.2
+        ``last_event_id`` no longer changes before the block ends.
+
     .. versionadded:: 0.1
     """
 
@@ -206,7 +243,11 @@ class EventParser:
         self._data: list[str] = []
         self._event = ""
         self._block_retry: int | None = None
-        #: The last event id buffer, which persists across events.
+        self._id_buffer = ""
+        #: The last event id, as a browser's ``lastEventId``: set from the
+        #: ``id`` fields of a block when the block ends with a blank line,
+        #: even if it had no data, and kept across blocks. A block that has
+        #: not ended yet does not change it.
         self.last_event_id = ""
         #: The reconnection time most recently set by a ``retry`` field.
         self.retry: int | None = None
@@ -259,7 +300,7 @@ class EventParser:
             self._event = value
         elif name == "id":
             if "\0" not in value:
-                self.last_event_id = value
+                self._id_buffer = value
         elif name == "retry":
             if value and value.isascii() and value.isdigit():
                 self.retry = int(value)
@@ -269,6 +310,7 @@ class EventParser:
     def _dispatch(self) -> ReceivedEvent | None:
         data, event, retry = self._data, self._event, self._block_retry
         self._data, self._event, self._block_retry = [], "", None
+        self.last_event_id = self._id_buffer
         if not data:
             return None
         return ReceivedEvent(

@@ -4,14 +4,17 @@ loaded as plugins so every test module can use them."""
 from __future__ import annotations
 
 import gc
+import importlib.util
 import os
 import shutil
+import sys
 import time
+import typing as t
 
 import pytest
 
 from flask_eventstream.broker import Subscription
-from flask_eventstream.views import Connection
+from flask_eventstream.connection import Connection
 
 pytest_plugins = [
     "tests.support.servers",
@@ -23,18 +26,36 @@ pytest_plugins = [
 IN_CI = bool(os.environ.get("CI"))
 
 
-def require_tool(path_or_name: str, what: str) -> str:
-    """Return the tool's path; skip without it, but fail under CI=true, where
-    nothing may be skipped for want of a tool."""
-    found = path_or_name if os.path.isabs(path_or_name) else shutil.which(path_or_name)
-    if found and os.path.exists(found):
-        return found
-    message = (
-        f"{what} ({path_or_name}) is not installed; bash scripts/test.sh installs it"
-    )
+def _missing(message: str) -> t.NoReturn:
+    """Skip, but fail under CI=true, where nothing may be skipped for want of
+    a tool."""
     if IN_CI:
         pytest.fail(message, pytrace=False)
     pytest.skip(message)
+
+
+def require_tool(path_or_name: str, what: str) -> str:
+    """Return the path of a system program (redis-server, chromium, openssl),
+    which scripts/test.sh installs with apt-get.
+
+    Python tools (gunicorn, flask, sphinx) are never looked up here: tests run
+    them as ``sys.executable -m TOOL``, so they come from the environment that
+    runs the tests; see :func:`require_module`."""
+    found = path_or_name if os.path.isabs(path_or_name) else shutil.which(path_or_name)
+    if found and os.path.exists(found):
+        return found
+    _missing(
+        f"{what} ({path_or_name}) is not installed; bash scripts/test.sh installs it"
+    )
+
+
+def require_module(name: str) -> None:
+    """Fail (or skip outside CI) unless ``sys.executable -m name`` can run."""
+    if importlib.util.find_spec(name) is None:
+        _missing(
+            f"{name} is not installed for {sys.executable};"
+            " pip install -e '.[test]' (bash scripts/test.sh does)"
+        )
 
 
 def _leaks() -> list[object]:

@@ -206,6 +206,35 @@ def test_last_event_id_attribute_persists() -> None:
     assert parser.feed(b"data: x\n\n") == [ev("x", id="7")]
 
 
+def test_last_event_id_changes_only_when_a_block_ends() -> None:
+    parser = EventParser()
+    assert parser.feed(b"data:a\n\nid:x\ndata:b\n") == [ev("a")]
+    # The block with id x has not ended: a client resuming now must not
+    # claim to have seen it.
+    assert parser.last_event_id == ""
+    assert parser.feed(b"\n") == [ev("b", id="x")]
+    assert parser.last_event_id == "x"
+    parser.feed(b"id: y\n")
+    assert parser.last_event_id == "x"
+    assert parser.close() == []
+    assert parser.last_event_id == "x"
+
+
+def test_id_only_block_sets_last_event_id_without_an_event() -> None:
+    parser = EventParser()
+    assert parser.feed(b"id: 1\ndata: a\n\nid: 2\n") == [ev("a", id="1")]
+    assert parser.last_event_id == "1"
+    assert parser.feed(b"\n") == []
+    assert parser.last_event_id == "2"
+    # The id persists into the next event, which has none of its own.
+    assert parser.feed(b"data: b\n\n") == [ev("b", id="2")]
+    # An empty id resets it, at the end of its block too.
+    assert parser.feed(b"id\n") == []
+    assert parser.last_event_id == "2"
+    assert parser.feed(b"\n") == []
+    assert parser.last_event_id == ""
+
+
 def test_close_discards_the_incomplete_event() -> None:
     parser = EventParser()
     assert parser.feed(b"data: a\n\ndata: b\n") == [ev("a")]

@@ -18,6 +18,7 @@ from flask import request
 from flask_eventstream import EventStream
 from flask_eventstream import eventstream
 from flask_eventstream import PublishError
+from flask_eventstream._state import state_for
 from flask_eventstream.backends.positions import parse_positions
 from flask_eventstream.backends.positions import Position
 from flask_eventstream.testing import parse
@@ -66,7 +67,7 @@ def stream_ids(server: RedisServer, channel: str) -> list[str]:
 def wait_registered(app: Flask, channel: str, count: int = 1) -> None:
     """Wait until ``count`` subscribers of ``channel`` are registered with
     the reader (it registers them between two reads of Redis)."""
-    state = app.extensions["eventstream"]
+    state = state_for(app)
     deadline = time.monotonic() + 5
     while state.broker.channels().get(channel, 0) < count:
         assert time.monotonic() < deadline, state.broker.channels()
@@ -142,7 +143,7 @@ def test_each_channel_counts_its_own_events(
 
 def test_event_fields_survive_redis(redis_app: MakeApp):
     app = redis_app()
-    stream = app.extensions["eventstream"].owner
+    stream = app.extensions["eventstream"]
     client = app.test_client()
     response = client.get("/stream/fields", buffered=False)
     from flask_eventstream import Event
@@ -175,11 +176,40 @@ def test_fanout_to_many_subscribers_on_one_process(redis_app: MakeApp):
         assert [e.id for e in read_events(response, 10)] == ids
 
 
+def test_each_event_is_encoded_once_on_the_publishing_process(
+    redis_app: MakeApp, monkeypatch: pytest.MonkeyPatch
+):
+    import flask_eventstream.backends.redis.reader as reader_module
+    import flask_eventstream.broker as broker_module
+    from flask_eventstream.sse import encode
+
+    encoded: list[str | None] = []
+
+    def counting(event: t.Any) -> bytes:
+        encoded.append(event.text)
+        return encode(event)
+
+    app = redis_app()
+    client = app.test_client()
+    responses = [client.get("/stream/once", buffered=False) for _ in range(3)]
+    wait_registered(app, "once", 3)
+    monkeypatch.setattr(broker_module, "encode", counting)
+    monkeypatch.setattr(reader_module, "encode", counting)
+    ids = [post(client, "once", f"e{i}") for i in range(4)]
+    for response in responses:
+        events = read_events(response, 4)
+        assert [(e.id, e.data) for e in events] == [
+            (event_id, f"e{i}") for i, event_id in enumerate(ids)
+        ]
+    # Once to check the size; the reader sends those bytes, with the id.
+    assert encoded == ["e0", "e1", "e2", "e3"]
+
+
 def test_publish_returns_id_and_rejects_bad_input(
     redis_app: MakeApp, redis_server: RedisServer
 ):
     app = redis_app({"EVENTSTREAM_MAX_EVENT_SIZE": 200})
-    stream = app.extensions["eventstream"].owner
+    stream = app.extensions["eventstream"]
     with app.app_context():
         with pytest.raises(ValueError, match="EVENTSTREAM_MAX_EVENT_SIZE"):
             stream.publish("big", "x" * 300)
@@ -194,7 +224,7 @@ def test_publish_returns_id_and_rejects_bad_input(
 
 def test_stats_count_subscribers(redis_app: MakeApp):
     app = redis_app()
-    stream = app.extensions["eventstream"].owner
+    stream = app.extensions["eventstream"]
     client = app.test_client()
     responses = [client.get("/stream/s1", buffered=False) for _ in range(3)]
     with app.app_context():
@@ -608,7 +638,7 @@ def test_publish_error_when_redis_is_down(
     client = app.test_client()
     post(client, "down", "before")
     redis_server.stop()
-    stream = app.extensions["eventstream"].owner
+    stream = app.extensions["eventstream"]
     with app.app_context():
         start = time.monotonic()
         with pytest.raises(PublishError, match="unreachable"):
@@ -691,7 +721,7 @@ def test_a_retried_publish_is_added_once(redis_server: RedisServer):
     raw_id, message = script(keys=keys, args=["10", "tok-b", "1", "0", "d", "y"])
     assert raw_id == other
     assert json.loads(message)[0] == other.decode()
-    assert json.loads(message)[2:] == ["d", "y"]
+    assert json.loads(message)[2:] == ["tok-b", "d", "y"]
 
 
 def test_min_replicas(start_redis: t.Callable[..., RedisServer]):
@@ -719,7 +749,7 @@ def test_min_replicas(start_redis: t.Callable[..., RedisServer]):
         assert [e.id for e in read_events(resumed, 2)] == ids[1:]
         # Without the replica, publishing fails (after a bounded wait).
         replica.stop()
-        stream = app.extensions["eventstream"].owner
+        stream = app.extensions["eventstream"]
         with app.app_context():
             start = time.monotonic()
             with pytest.raises(PublishError, match="0 of the 1 replicas"):

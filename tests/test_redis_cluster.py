@@ -15,6 +15,7 @@ from flask import request
 
 from flask_eventstream import EventStream
 from flask_eventstream import eventstream
+from flask_eventstream._state import state_for
 from flask_eventstream.backends.positions import parse_positions
 from flask_eventstream.backends.positions import Position
 from flask_eventstream.testing import read_events
@@ -84,7 +85,7 @@ def pub(client: t.Any, channel: str, data: t.Any) -> str:
 
 
 def wait_registered(app: Flask, channel: str, count: int = 1) -> None:
-    broker = app.extensions["eventstream"].broker
+    broker = state_for(app).broker
     wait_for(lambda: broker.channels().get(channel, 0) >= count, 10)
 
 

@@ -14,6 +14,7 @@ from flask_eventstream.sse import encode_retry
 from flask_eventstream.sse import Event
 from flask_eventstream.sse import HEARTBEAT
 from flask_eventstream.sse import parse
+from flask_eventstream.sse import ReceivedEvent
 
 ENCODE_TABLE: list[tuple[Event, bytes]] = [
     # plain data
@@ -57,7 +58,13 @@ ENCODE_TABLE: list[tuple[Event, bytes]] = [
     (Event("data: x"), b"data: data: x\n\n"),
     # values that are easy to lose
     (Event(""), b"data: \n\n"),
-    (Event(), b"data: \n\n"),
+    # without data: no data line, so nothing is dispatched
+    (Event(), b"\n"),
+    (Event(comment="keep"), b": keep\n\n"),
+    (Event(id="7"), b"id: 7\n\n"),
+    (Event(retry=10), b"retry: 10\n\n"),
+    # ... unless it has an event type
+    (Event(event="ping"), b"event: ping\ndata: \n\n"),
     (Event("0", id="0"), b"id: 0\ndata: 0\n\n"),
     (Event("x", retry=0), b"retry: 0\ndata: x\n\n"),
     (Event("x", id=""), b"id: \ndata: x\n\n"),
@@ -96,6 +103,24 @@ def test_text_is_the_data_as_sent() -> None:
     assert Event({"a": [1, 2]}).text == '{"a":[1,2]}'
     assert Event(b"xy").text == "xy"
     assert Event("a\r\nb").text == "a\r\nb"
+
+
+def test_comment_only_event_has_no_data_line_and_dispatches_nothing() -> None:
+    note = Event(comment="keep-alive")
+    assert encode(note) == b": keep-alive\n\n"
+    assert note.text is None
+    assert parse(encode(note)) == []
+    lines = Event(comment="a\nb", id="5", retry=100)
+    assert encode(lines) == b": a\n: b\nid: 5\nretry: 100\n\n"
+    assert parse(encode(lines) + encode(Event("x"))) == [
+        ReceivedEvent("message", "x", "5")
+    ]
+    # Empty data is still an event, and so is an event type without data.
+    assert encode(Event("", comment="c")) == b": c\ndata: \n\n"
+    assert parse(encode(Event("", comment="c"))) == [ReceivedEvent("message", "")]
+    assert parse(encode(Event(event="ping"))) == [ReceivedEvent("ping", "")]
+    # Data that serialises to a JSON null is data.
+    assert parse(encode(Event(None))) == [ReceivedEvent("message", "null")]
 
 
 def test_heartbeat_and_retry_blocks() -> None:
@@ -234,8 +259,12 @@ def test_event_is_immutable_and_compares_by_fields() -> None:
 
 
 def test_encoded_bytes_parse_back() -> None:
-    # The encode table, read by the parser, gives back what was sent.
+    # The encode table, read by the parser, gives back what was sent; a
+    # block without data gives nothing.
     for event, wire in ENCODE_TABLE:
+        if event.text is None:
+            assert parse(wire) == []
+            continue
         [received] = parse(wire)
         assert received.data == re.sub(r"\r\n|\r", "\n", event.text)
         assert received.event == (event.event or "message")

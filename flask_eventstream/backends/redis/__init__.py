@@ -54,7 +54,8 @@ import os
 import secrets
 import threading
 
-from ...broker import Broker
+from ...broker import encode_frame
+from ...broker import Sink
 from ...broker import Subscription
 from ...exceptions import PublishError
 from ...sse import Event
@@ -64,6 +65,7 @@ from ..positions import Position
 from ..positions import Stale
 from .client import Client
 from .client import parse_url
+from .client import SIZE_ID
 from .reader import Pending
 from .reader import Reader
 
@@ -71,19 +73,20 @@ __all__ = ["RedisBackend"]
 
 #: Keys: ``PREFIX + "{" + channel + "}"``.
 PREFIX = "eventstream:"
-#: A placeholder id as long as a real one, to check the encoded size.
-SIZE_ID = "mil5tqqr.1000000000"
+#: Events this process published and its reader has not taken yet, at most.
+_KEPT = 4096
 
 
 class RedisBackend:
     """A :class:`~flask_eventstream.broker.Backend` on Redis.
 
-    :param broker: the broker that fans events out in this process.
+    :param sink: where events read from Redis go (the broker of this process).
     :param url: ``redis://`` (or ``rediss://``, ``unix://``) for one server,
         ``redis+cluster://host:port[,host:port…]`` (or ``rediss+cluster://``)
         for a Redis Cluster.
     :param history: entries kept per channel (approximately: Redis trims
         whole nodes of a stream, so a few more may be kept).
+    :param max_event_size: largest encoded event in bytes.
     :param prefix: the prefix of every key this backend uses.
     :param min_replicas: replicas that must hold an event before
         :meth:`publish` returns it (Redis ``WAIT``), and before the readers
@@ -92,14 +95,16 @@ class RedisBackend:
 
     def __init__(
         self,
-        broker: Broker,
+        sink: Sink,
         url: str,
         history: int = 1000,
         *,
+        max_event_size: int = 1 << 20,
         prefix: str = PREFIX,
         min_replicas: int = 0,
     ) -> None:
-        self._broker = broker
+        self._sink = sink
+        self._max_event_size = max_event_size
         self._history = max(history, 0)
         # Readers must find an entry before it is trimmed, even when no
         # history is kept; resume then replays nothing.
@@ -116,7 +121,12 @@ class RedisBackend:
         a child process after a fork (gunicorn ``--preload``)."""
         self._pid = os.getpid()
         self._client.reset()
-        self._reader = Reader(self._client, self._broker, self._prefix, self._history)
+        #: Events encoded by this process when it published them, by token,
+        #: for its reader (each event is encoded once per process).
+        self._kept: dict[str, bytes] = {}
+        self._reader = Reader(
+            self._client, self._sink, self._prefix, self._history, self._kept
+        )
 
     def _check_fork(self) -> None:
         if self._pid != os.getpid():
@@ -133,19 +143,48 @@ class RedisBackend:
         if self._closed:
             raise PublishError("The Redis backend is closed.")
         self._check_fork()
-        # Validates the size with an id as long as a real one.
-        self._broker.encode(dataclasses.replace(event, id=SIZE_ID), None)
+        # Encoded once, with an id as long as a real one: the size is
+        # checked, and this process's reader sends these bytes with the real
+        # id in the placeholder's place.
+        data = encode_frame(
+            dataclasses.replace(event, id=SIZE_ID), None, self._max_event_size
+        ).data
+        token = secrets.token_hex(8)
         announce = "0" if self._min_replicas else "1"
-        args = [self._maxlen, secrets.token_hex(8), "0", announce, "d", event.text]
+        args = [self._maxlen, token, "0", announce]
+        if event.text is not None:
+            args += ["d", event.text]
         if event.event is not None:
             args += ["e", event.event]
         if event.retry is not None:
             args += ["r", str(event.retry)]
         if event.comment is not None:
             args += ["c", event.comment]
-        position = self._client.publish(channel, self._key(channel), args)
+        # Kept before publishing: the reader may read the entry before the
+        # publish returns.
+        kept = self._keep(token, data, channel)
+        try:
+            position = self._client.publish(channel, self._key(channel), args)
+        except BaseException:
+            if kept:
+                self._kept.pop(token, None)
+            raise
         self._reader.remember(channel, position)
         return dataclasses.replace(event, id=format_position(position))
+
+    def _keep(self, token: str, data: bytes, channel: str) -> bool:
+        """Keep the encoded event for this process's reader, if it reads the
+        channel."""
+        if not self._sink.subscribers(channel):
+            return False
+        kept = self._kept
+        while len(kept) >= _KEPT:
+            try:
+                del kept[next(iter(kept))]
+            except (KeyError, RuntimeError, StopIteration):
+                break
+        kept[token] = data
+        return True
 
     # -- subscribing --
 

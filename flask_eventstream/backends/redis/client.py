@@ -34,7 +34,16 @@ from ..positions import Snapshot
 from .scripts import PUBLISH
 from .scripts import SNAPSHOT
 
-__all__ = ["LOST", "Client", "Shards", "Target", "parse_url", "position_of"]
+__all__ = [
+    "LOST",
+    "SIZE_ID",
+    "SIZE_LINE",
+    "Client",
+    "Shards",
+    "Target",
+    "parse_url",
+    "position_of",
+]
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +63,10 @@ READER_TIMEOUT = 11.0
 WAIT_MS = 1000
 #: MOVED or ASK redirections followed by one publish.
 MAX_REDIRECTIONS = 5
+#: A placeholder id as long as a real one: an event is encoded with it before
+#: it is published (to check its size), and the real id replaces it.
+SIZE_ID = "mil5tqqr.1000000000"
+SIZE_LINE = f"id: {SIZE_ID}\n".encode()
 
 
 def position_of(raw: bytes | str) -> Position:

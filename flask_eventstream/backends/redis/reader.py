@@ -26,8 +26,8 @@ from redis.exceptions import MovedError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ... import _gevent
-from ...broker import Broker
 from ...broker import Frame
+from ...broker import Sink
 from ...broker import Subscription
 from ...broker import Waker
 from ...sse import encode
@@ -42,6 +42,7 @@ from .client import Client
 from .client import LOST
 from .client import position_of
 from .client import Shards
+from .client import SIZE_LINE
 
 __all__ = ["Pending", "Reader"]
 
@@ -61,48 +62,84 @@ BUFFER_LIMIT = 10000
 SEEN_LIMIT = 10000
 
 
-def _fields(raw: list[t.Any]) -> dict[str, str]:
-    items = [x.decode("utf-8") if isinstance(x, bytes) else str(x) for x in raw]
-    return dict(zip(items[::2], items[1::2], strict=True))
-
-
 def _event(position: Position, fields: dict[str, str], single: bool) -> Event | None:
+    """The event of a stream entry; ``None`` (logged) for a malformed one."""
     try:
         retry = fields.get("r")
-        return Event(
-            data=fields.get("d", ""),
+        event = Event(
             event=fields.get("e"),
             id=format_position(position) if single else None,
             retry=int(retry) if retry is not None else None,
             comment=fields.get("c"),
         )
+        data = fields.get("d")
+        if data is None:
+            # No "d" field: a block without data (comment, id or retry only).
+            return event
+        return dataclasses.replace(event, data=data)
     except (ValueError, TypeError) as e:
         log.error("Skipping malformed stream entry %s: %s", position, e)
         return None
+
+
+def _without(data: bytes, line: bytes) -> tuple[bytes, int] | None:
+    """``data`` without its ``line`` (an ``id:`` line), and where it was.
+
+    The id line follows only comment and event lines, which cannot contain a
+    line break: its first occurrence at the start of a line is the one."""
+    if data.startswith(line):
+        return data[len(line) :], 0
+    at = data.find(b"\n" + line)
+    if at < 0:
+        return None
+    at += 1
+    return data[:at] + data[at + len(line) :], at
 
 
 class _Origin:
     """An event of one channel, as a frame's origin: what a stream on several
     channels needs to give the frame its own id."""
 
-    __slots__ = ("channel", "position", "event", "_bare")
+    __slots__ = ("channel", "position", "event", "_data", "_bare")
 
-    def __init__(self, channel: str, position: Position, event: Event) -> None:
+    def __init__(
+        self, channel: str, position: Position, event: Event, data: bytes
+    ) -> None:
         self.channel = channel
         self.position = position
         self.event = event
+        self._data = data
         self._bare: bytes | None = None
 
     def bare(self) -> bytes:
-        """The event without an id line."""
+        """The event without its id line."""
         if self._bare is None:
-            self._bare = encode(dataclasses.replace(self.event, id=None))
+            line = f"id: {format_position(self.position)}\n".encode()
+            cut = _without(self._data, line)
+            self._bare = (
+                cut[0]
+                if cut is not None
+                else encode(dataclasses.replace(self.event, id=None))
+            )
         return self._bare
 
 
-def _frame(channel: str, position: Position, event: Event) -> Frame:
-    """The frame of an event with the channel's position as id."""
-    return Frame(encode(event), None, _Origin(channel, position, event))
+def _frame(
+    channel: str, position: Position, event: Event, kept: bytes | None = None
+) -> Frame:
+    """The frame of an event with the channel's position as id: ``kept``
+    (the publishing process's encoding, with :data:`SIZE_ID` as id) with the
+    real id, or a new encoding."""
+    data = None
+    if kept is not None:
+        cut = _without(kept, SIZE_LINE)
+        if cut is not None:
+            rest, at = cut
+            line = f"id: {format_position(position)}\n".encode()
+            data = rest[:at] + line + rest[at:]
+    if data is None:
+        data = encode(event)
+    return Frame(data, None, _Origin(channel, position, event, data))
 
 
 class _Ids:
@@ -116,10 +153,17 @@ class _Ids:
         self.channels = channels
         self.positions = positions
 
-    def __call__(self, frame: Frame) -> Frame:
+    def __call__(self, frame: Frame) -> Frame | None:
         origin = frame.origin
         if not isinstance(origin, _Origin):
             return frame
+        current = self.positions.get(origin.channel)
+        if (
+            current is not None
+            and current.epoch == origin.position.epoch
+            and origin.position.offset <= current.offset
+        ):
+            return None  # it had this one already
         self.positions[origin.channel] = origin.position
         return Frame(self.label(origin.bare()))
 
@@ -134,7 +178,6 @@ class _Channel:
     __slots__ = (
         "name",
         "key",
-        "subs",
         "position",
         "node",
         "confirmed",
@@ -145,7 +188,6 @@ class _Channel:
     def __init__(self, name: str, key: str) -> None:
         self.name = name
         self.key = key
-        self.subs: set[Subscription] = set()
         #: The newest position handed out; None until first brought live.
         self.position: Position | None = None
         #: The master it is (being) subscribed on; None: to route.
@@ -184,10 +226,17 @@ class Reader:
     subscribers, for one process."""
 
     def __init__(
-        self, client: Client, broker: Broker, prefix: str, history: int
+        self,
+        client: Client,
+        sink: Sink,
+        prefix: str,
+        history: int,
+        kept: dict[str, bytes],
     ) -> None:
         self._client = client
-        self._broker = broker
+        self._sink = sink
+        #: Events encoded by this process when it published them, by token.
+        self._kept = kept
         self._prefix = prefix
         self._history = history
         self._lock = threading.Lock()
@@ -223,15 +272,7 @@ class Reader:
     def forget(self, sub: Subscription) -> None:
         with self._lock:
             self._pending = [p for p in self._pending if p.sub is not sub]
-            connected = False
-            for channel in sub.channels:
-                state = self._channels.get(channel)
-                if state is not None and sub in state.subs:
-                    connected = True
-                    state.subs.discard(sub)
             wakeup = self._wakeup
-        if connected:
-            self._broker.disconnect(sub)
         if wakeup is not None:
             wakeup.set()
 
@@ -400,7 +441,7 @@ class Reader:
             dropped = [
                 s
                 for s in self._channels.values()
-                if not s.subs and s.name not in wanted
+                if not self._sink.subscribers(s.name) and s.name not in wanted
             ]
             for state in dropped:
                 del self._channels[state.name]
@@ -548,10 +589,9 @@ class Reader:
                     m for m in state.buffer if m[0].offset > position.offset
                 ]
                 state.position = position
-            for frame in frames:
-                self._broker.deliver(state.name, frame)
-        for frame in frames:
-            self._announce(frame)
+            counts = [self._sink.send(state.name, frame) for frame in frames]
+        for frame, count in zip(frames, counts, strict=True):
+            self._announce(frame, count)
 
     def _frames(
         self, channel: str, position: Position, fields: dict[str, str]
@@ -559,15 +599,16 @@ class Reader:
         event = _event(position, fields, True)
         if event is None:
             return []
-        return [_frame(channel, position, event)]
+        token = fields.get("t")
+        kept = self._kept.pop(token, None) if token else None
+        return [_frame(channel, position, event, kept)]
 
-    def _announce(self, frame: Frame) -> None:
-        on_delivered = self._broker.on_delivered
+    def _announce(self, frame: Frame, count: int) -> None:
         origin = frame.origin
-        if on_delivered is None or not isinstance(origin, _Origin):
+        if not isinstance(origin, _Origin):
             return
         try:
-            on_delivered(origin.channel, origin.event)
+            self._sink.announce(origin.channel, origin.event, count)
         except Exception:
             # A receiver of event_published failed; the subscribers had the
             # event already.
@@ -577,15 +618,9 @@ class Reader:
         """Events of ``state``'s channel after its position are gone from
         Redis (trimmed before this process read them, or the history was
         lost): end its streams, which resume and are told. Lock held."""
-        subs = set(state.subs)
+        subs = self._sink.subscribers(state.name)
         for sub in subs:
-            for other in sub.channels:
-                other_state = self._channels.get(other)
-                if other_state is not None:
-                    other_state.subs.discard(sub)
-            self._broker.disconnect(sub)
-            sub.overflowed = True
-            sub.waker.set()
+            sub.cut_off()
         if subs:
             log.warning(
                 "Events on channel %r after %s are no longer in Redis and this"
@@ -677,10 +712,7 @@ class Reader:
             if ids is not None:
                 ids.positions.update(plan.positions)
                 sub.relabel = ids
-            sub.replay(replay)
-            for channel in sub.channels:
-                self._channels[channel].subs.add(sub)
-            self._broker.connect(sub)
+            sub.start(replay, None, plan.reset)
 
     def _read(self, reader: _Link) -> None:
         failures = 0
@@ -832,11 +864,13 @@ class Reader:
             raw = json.loads(payload)
             position = position_of(raw[0])
             when = int(raw[1])
-            fields = dict(zip(raw[2::2], raw[3::2], strict=True))
+            fields = dict(zip(raw[3::2], raw[4::2], strict=True))
+            fields["t"] = raw[2]
         except (ValueError, TypeError, IndexError) as e:
             log.error("Skipping a malformed message on %r: %s", channel, e)
             return
         frame: Frame | None = None
+        count = 0
         wake = False
         with self._lock:
             state = self._channels.get(channel)
@@ -855,7 +889,7 @@ class Reader:
                     frames = self._frames(channel, position, fields)
                     if frames:
                         frame = frames[0]
-                        self._broker.deliver(channel, frame)
+                        count = self._sink.send(channel, frame)
             if frame is None and state.position != position:
                 # A gap, or another history: read what is missing.
                 state.live = False
@@ -863,7 +897,7 @@ class Reader:
                 wake = True
             wakeup = self._wakeup
         if frame is not None:
-            self._announce(frame)
+            self._announce(frame, count)
         if wake and wakeup is not None:
             wakeup.set()
 

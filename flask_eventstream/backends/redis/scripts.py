@@ -13,14 +13,17 @@ __all__ = ["PUBLISH", "SNAPSHOT"]
 # that entry is announced again (readers skip what they have). With the
 # announce flag, the script SPUBLISHes the entry and returns its id; without,
 # it returns the id and the message, for the caller to SPUBLISH once enough
-# replicas hold the entry.
+# replicas hold the entry. The message is the JSON array [id, time, token,
+# field, value, ...].
 PUBLISH = """
 local function done(id, f)
-  local msg = {id, ''}
+  local msg = {id, '', ''}
   for j = 1, #f, 2 do
     if f[j] == 'w' then
       msg[2] = f[j + 1]
-    elseif f[j] ~= 't' then
+    elseif f[j] == 't' then
+      msg[3] = f[j + 1]
+    else
       msg[#msg + 1] = f[j]
       msg[#msg + 1] = f[j + 1]
     end
