@@ -83,6 +83,6 @@ def test_comment_only_event_through_redis(
     redis_app: t.Callable[..., Flask], redis_server: RedisServer
 ) -> None:
     check_live_and_replayed(redis_app())
-    entries = redis_server.client().xrange("eventstream:quiet")
+    entries = redis_server.client().xrange("eventstream:{quiet}")
     # The comment-only entry has no data field; the others have one.
     assert [b"d" in fields for _, fields in entries] == [True, False, True, True]

@@ -1,5 +1,6 @@
-"""Resume planning shared by the backends: plain functions of keys and
-entries, tested without a server.
+"""Resume planning of the in-memory backend: plain functions of keys and
+entries, tested without a server. (The Redis backend, whose positions are
+per channel, plans with :mod:`.positions`.)
 
 A client comes back with the id of the last event it got. What it missed is
 every retained event of its channels newer than that id, in id order; when
@@ -7,8 +8,7 @@ that is not exactly what was published after it, it first gets an
 ``eventstream-reset`` event saying why:
 
 - ``"unknown"``: its id is older than anything this broker remembers (the
-  process restarted, or Redis lost its data) or newer than anything it
-  assigned;
+  process restarted) or newer than anything it assigned;
 - ``"expired"``: an event newer than its id was dropped from a channel's
   history before it could be replayed.
 """
@@ -23,7 +23,7 @@ from ..broker import Frame
 from ..broker import Key
 from ..broker import reset_frame
 
-__all__ = ["is_unknown", "next_id", "read_starts", "replay", "reset_reason"]
+__all__ = ["is_unknown", "replay", "reset_reason"]
 
 T = t.TypeVar("T")
 
@@ -72,25 +72,3 @@ def replay(
         if f is not None:
             frames.append(f)
     return frames
-
-
-def next_id(key: Key) -> str:
-    """The smallest id after ``key``, as an inclusive start of a range."""
-    ms, seq = key
-    if seq >= 2**64 - 1:
-        return f"{ms + 1}-0"
-    return f"{ms}-{seq + 1}"
-
-
-def read_starts(
-    starts: t.Iterable[tuple[tuple[str, ...], Key | None]],
-) -> dict[str, Key]:
-    """Per channel, the oldest position to read after, over subscriptions
-    given as ``(channels, since)`` (``None``: nothing older is wanted)."""
-    out: dict[str, Key] = {}
-    for channels, since in starts:
-        position = since if since is not None else (1 << 62, 0)
-        for channel in channels:
-            if channel not in out or position < out[channel]:
-                out[channel] = position
-    return out
