@@ -249,7 +249,7 @@ class Client:
         #: Too few replicas were found (warned once until there are enough).
         self._short = False
 
-    def _options(self, role: str, **kwargs: t.Any) -> dict[str, t.Any]:
+    def options(self, role: str, **kwargs: t.Any) -> dict[str, t.Any]:
         kwargs.setdefault("socket_connect_timeout", CONNECT_TIMEOUT)
         kwargs.update(client_name=f"flask-eventstream:{role}:{os.getpid()}")
         if not self.cluster:
@@ -267,7 +267,7 @@ class Client:
         shards = self._shards.get(thread)
         if shards is None:
             shards = Shards(
-                self.target, self._options("pub", socket_timeout=COMMAND_TIMEOUT)
+                self.target, self.options("pub", socket_timeout=COMMAND_TIMEOUT)
             )
             if self._publish_script is None:
                 self._publish_script = shards.client.register_script(PUBLISH)
