@@ -15,6 +15,7 @@ from flask import request
 
 from flask_eventstream import EventStream
 from flask_eventstream import eventstream
+from flask_eventstream import PublishError
 from flask_eventstream._state import state_for
 from flask_eventstream.backends.positions import parse_positions
 from flask_eventstream.backends.positions import Position
@@ -408,8 +409,13 @@ def test_failover_while_publishing_with_min_replicas(
     key = stream_key(channel)
     victim = cluster.master_of(key)
     replica = cluster.replica_of(victim)
+    # A process that only publishes (it reads nothing, so no reader of its
+    # own notices the failover).
+    solo = app_on(cluster, EVENTSTREAM_REDIS_MIN_REPLICAS=1)
+    solo_client = solo.test_client()
     clients = open_clients(server.port, f"/gen/{channel}", 10, record=True)
     try:
+        solo_ids = [pub(solo_client, channel, "solo-before")]
         pump(clients, lambda: all(c.events for c in clients), 10)
         publisher = Publisher(server, channel, pause=0.005)
         publisher.start()
@@ -418,8 +424,14 @@ def test_failover_while_publishing_with_min_replicas(
             cluster.kill(victim)
             publisher.wait_refused(1, 20)
             wait_for(lambda: replica.role() == "master", 20)
+            # The publishing process finds the new master, which has no
+            # replica yet.
+            with solo.app_context(), pytest.raises(PublishError, match="replicas"):
+                solo.extensions["eventstream"].publish(channel, "solo-refused")
             mark = len(publisher.accepted)
             cluster.heal()
+            # It finds the new master by itself.
+            solo_ids.append(pub(solo_client, channel, "solo-after"))
             publisher.wait_for(mark + 20, 30)
         finally:
             publisher.stop()
@@ -429,10 +441,12 @@ def test_failover_while_publishing_with_min_replicas(
         # (published, then not acknowledged in time), and streams get them
         # all alike, once, in order.
         assert set(publisher.accepted) <= set(stored)
+        assert set(solo_ids) <= {i for i, _ in stored}
         check_exact(clients, [i for i, _ in stored])
     finally:
         for client in clients:
             client.close()
+        close_app(solo)
         cluster.heal()
 
 

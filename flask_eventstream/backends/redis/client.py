@@ -350,7 +350,11 @@ class Client:
                 )
                 node_client = client.get_redis_connection(node)
             pool = node_client.connection_pool
-            conn: t.Any = pool.get_connection()
+            try:
+                conn: t.Any = pool.get_connection()
+            except (RedisConnectionError, RedisTimeoutError, OSError):
+                self._lost_node(shards)
+                raise
             try:
                 if asking:
                     conn.send_command("ASKING")
@@ -376,12 +380,25 @@ class Client:
                 return raw_id
             except TooFewReplicas:
                 raise
-            except (RedisError, OSError):
+            except (RedisError, OSError) as e:
                 conn.disconnect()
+                if isinstance(e, (RedisConnectionError, RedisTimeoutError, OSError)):
+                    self._lost_node(shards)
                 raise
             finally:
                 pool.release(conn)
         raise ClusterError(f"{key!r} was redirected {MAX_REDIRECTIONS} times")
+
+    def _lost_node(self, shards: Shards) -> None:
+        """A master did not answer: ask the cluster again who serves what (a
+        replica may have taken over), as redis-py does for its own
+        commands, so that the retry goes where the slot is now."""
+        if not self.cluster:
+            return
+        try:
+            shards.refresh()
+        except LOST:
+            pass  # no node answers: the retry fails as well, and says so
 
     def replicated(self, shards: Shards, key: str) -> bool:
         """With ``min_replicas``: whether the replicas hold everything that
