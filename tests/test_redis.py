@@ -15,7 +15,6 @@ import pytest
 from flask import Flask
 
 from flask_eventstream import PublishError
-from flask_eventstream._state import state_for
 from flask_eventstream.testing import parse
 from flask_eventstream.testing import read_events
 from tests.support.redis import close_app
@@ -55,11 +54,12 @@ def stream_ids(server: RedisServer, channel: str) -> list[str]:
 def wait_registered(app: Flask, channel: str, count: int = 1) -> None:
     """Wait until ``count`` subscribers of ``channel`` are registered with
     the reader (it registers them between two reads of Redis)."""
-    state = state_for(app)
+    stream = app.extensions["eventstream"]
     deadline = time.monotonic() + 5
-    while state.broker.channels().get(channel, 0) < count:
-        assert time.monotonic() < deadline, state.broker.channels()
-        time.sleep(0.005)
+    with app.app_context():
+        while stream.stats()["channels"].get(channel, 0) < count:
+            assert time.monotonic() < deadline, stream.stats()
+            time.sleep(0.005)
 
 
 # -- publish and subscribe --
