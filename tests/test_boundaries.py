@@ -1,5 +1,6 @@
-"""The benchmarks stand alone: nothing in benchmarks/ imports the test suite
-or serves one of its apps, so the suite can change without breaking them."""
+"""What may use what outside the package: the benchmarks stand alone
+(nothing in benchmarks/ imports the test suite or serves one of its apps),
+and the tests reach the library through its public modules only."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import sys
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 BENCHMARKS = ROOT / "benchmarks"
+TESTS = ROOT / "tests"
 #: A module of the test suite named in a string (an app for a server to load).
 _NAMED = re.compile(r"(?<![\w./-])tests(?:\.[A-Za-z_]\w*)+")
 
@@ -92,3 +94,51 @@ def test_the_benchmark_modules_import_without_the_tests() -> None:
         timeout=60,
     )
     assert (result.returncode, result.stdout) == (0, "ok\n"), result.stderr
+
+
+def private_imports(path: pathlib.Path) -> list[str]:
+    """Where ``path`` imports a private module of the library
+    (``flask_eventstream._state``, ``from flask_eventstream import _gevent``)."""
+    tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
+    found: list[tuple[int, str]] = []
+    for node in ast.walk(tree):
+        names: list[str] = []
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names = [node.module]
+            names += [f"{node.module}.{alias.name}" for alias in node.names]
+        for name in names:
+            parts = name.split(".")
+            if parts[0] == "flask_eventstream" and any(
+                p.startswith("_") for p in parts[1:]
+            ):
+                found.append((node.lineno, name))
+    return [f"{line}: {name}" for line, name in sorted(found)]
+
+
+def test_no_test_imports_a_private_module_of_the_library() -> None:
+    # flask_eventstream.testing has what tests need of an app's state.
+    found = {
+        path.relative_to(ROOT).as_posix(): uses
+        for path in sorted(TESTS.rglob("*.py"))
+        if (uses := private_imports(path))
+    }
+    assert found == {}
+
+
+def test_the_private_import_scan_sees_them(tmp_path: pathlib.Path) -> None:
+    source = tmp_path / "test_x.py"
+    source.write_text(
+        "from flask_eventstream._state import state_for\n"
+        "from flask_eventstream import _gevent, testing\n"
+        "def f():\n"
+        "    import flask_eventstream._gevent as g\n"
+        "from flask_eventstream.testing import broker\n"
+    )
+    assert private_imports(source) == [
+        "1: flask_eventstream._state",
+        "1: flask_eventstream._state.state_for",
+        "2: flask_eventstream._gevent",
+        "4: flask_eventstream._gevent",
+    ]
