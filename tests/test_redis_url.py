@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import pytest
 
-from flask_eventstream.backends.redis_url import check_options
-from flask_eventstream.backends.redis_url import FORMS
-from flask_eventstream.backends.redis_url import parse_url
-from flask_eventstream.backends.redis_url import redact
-from flask_eventstream.backends.redis_url import Sentinel
-from flask_eventstream.backends.redis_url import Server
+from flask_eventstream.backends.redis.url import check_options
+from flask_eventstream.backends.redis.url import FORMS
+from flask_eventstream.backends.redis.url import parse_url
+from flask_eventstream.backends.redis.url import redact
+from flask_eventstream.backends.redis.url import Sentinel
+from flask_eventstream.backends.redis.url import Server
 
 
 @pytest.mark.parametrize(

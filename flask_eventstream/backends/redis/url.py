@@ -42,8 +42,8 @@ FORMS = (
 )
 
 #: Options the library sets itself: its connections must not decode replies,
-#: retry on their own (a retried script could run twice), or be pooled by
-#: the caller.
+#: retry on their own (a retried script could run twice), be pooled by the
+#: caller, or time out a blocking read early.
 RESERVED_OPTIONS = frozenset(
     {
         "client_name",
@@ -59,6 +59,7 @@ RESERVED_OPTIONS = frozenset(
         "retry_on_error",
         "retry_on_timeout",
         "single_connection_client",
+        "socket_timeout",
         "unix_socket_path",
     }
 )
