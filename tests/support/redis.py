@@ -282,6 +282,8 @@ class Publisher(threading.Thread):
         self.accepted: list[tuple[str, str]] = []  # (id, data) of 202s
         self.refused: list[str] = []  # data of 503s
         self.errors: list[str] = []  # other outcomes (must stay empty)
+        #: (time.monotonic() when answered, status) of every POST.
+        self.answers: list[tuple[float, int]] = []
         self.n = 0
 
     def run(self) -> None:
@@ -289,12 +291,15 @@ class Publisher(threading.Thread):
             data = f"e{self.n}"
             self.n += 1
             try:
+                # A publish whose outcome Redis left unsure retries for up to
+                # 10 s.
                 status, raw = self.server.request(
-                    "POST", f"/publish/{self.channel}", {"data": data}
+                    "POST", f"/publish/{self.channel}", {"data": data}, timeout=30
                 )
             except OSError as e:
                 self.errors.append(f"{data}: {e!r}")
                 continue
+            self.answers.append((time.monotonic(), status))
             if status == 202:
                 self.accepted.append((json.loads(raw)["id"], data))
             elif status == 503:

@@ -210,6 +210,39 @@ class SentinelSetup:
         for server in [*self.sentinels, *self.nodes]:
             server.close()
 
+    @classmethod
+    def start(
+        cls,
+        binary: str = "redis-server",
+        replicas: int = 1,
+        started: Callable[[RedisServer], object] = lambda server: None,
+    ) -> SentinelSetup:
+        """Start a master, ``replicas`` replicas and three Sentinels, and
+        wait until the replicas are in sync and every Sentinel knows the
+        others. ``started`` is called with each process before it starts."""
+        master = RedisServer(binary, extra=NODE_OPTIONS)
+        nodes = [master]
+        for _ in range(replicas):
+            extra = [*NODE_OPTIONS, "--replicaof", HOST, str(master.port)]
+            nodes.append(RedisServer(binary, extra=extra))
+        sentinels = [SentinelServer(binary, master.port, 2) for _ in range(3)]
+        setup = cls(nodes, sentinels)
+        try:
+            for server in [*nodes, *sentinels]:
+                started(server)
+                server.start()
+            setup.wait_in_sync(master, replicas, 30)
+            # Every Sentinel knows every replica and the other Sentinels, so
+            # a failover can start as soon as the master is down.
+            deadline = time.monotonic() + 30
+            while not all(_knows(s, replicas) for s in sentinels):
+                assert time.monotonic() < deadline, "the Sentinels did not settle"
+                time.sleep(0.1)
+        except BaseException:
+            setup.close()
+            raise
+        return setup
+
 
 _SENTINEL = pytest.StashKey[list[RedisServer]]()
 
@@ -231,29 +264,8 @@ def start_sentinel(
     request.node.stash[_SENTINEL] = processes
 
     def start(replicas: int = 1) -> SentinelSetup:
-        master = RedisServer(binary, extra=NODE_OPTIONS)
-        processes.append(master)
-        master.start()
-        nodes = [master]
-        for _ in range(replicas):
-            replica = RedisServer(
-                binary, extra=[*NODE_OPTIONS, "--replicaof", HOST, str(master.port)]
-            )
-            processes.append(replica)
-            nodes.append(replica.start())
-        sentinels = [SentinelServer(binary, master.port, 2) for _ in range(3)]
-        processes.extend(sentinels)
-        setup = SentinelSetup(nodes, sentinels)
+        setup = SentinelSetup.start(binary, replicas, processes.append)
         setups.append(setup)
-        for sentinel in sentinels:
-            sentinel.start()
-        setup.wait_in_sync(master, replicas, 30)
-        # Every Sentinel knows every replica and the other Sentinels, so a
-        # failover can start as soon as the master is down.
-        deadline = time.monotonic() + 30
-        while not all(_knows(s, replicas) for s in sentinels):
-            assert time.monotonic() < deadline, "the Sentinels did not settle"
-            time.sleep(0.1)
         return setup
 
     yield start
