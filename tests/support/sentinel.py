@@ -7,7 +7,7 @@ Fixture:
     A factory for a :class:`SentinelSetup`: a master, ``replicas`` replicas
     (in sync before it returns) and three Sentinels (``redis-server CONF
     --sentinel``) watching them as service ``mymaster``, with a quorum of 2
-    and a down-after of one second. Everything is killed by PID in teardown,
+    and a down-after of 1.5 s. Everything is killed by PID in teardown,
     and the logs of every process are added to a failed test's report.
 
 :meth:`SentinelSetup.kill_master` SIGKILLs the master;
@@ -34,8 +34,14 @@ from tests.support.servers import report_on_failure
 __all__ = ["SERVICE", "SentinelServer", "SentinelSetup"]
 
 SERVICE = "mymaster"
-#: Sentinels consider a node down after this many ms without an answer.
-DOWN_AFTER_MS = 1000
+#: Sentinels consider a node down after this many ms without an answer. More
+#: than their one-second PING period: a Sentinel pings a just-promoted master
+#: first one second after the switch, and with 1000 here it could find it
+#: down before the answer came, and fail over again.
+DOWN_AFTER_MS = 1500
+#: A Sentinel that took part in a failover (voted or led) starts none for the
+#: same service for twice this long (ms): kills closer together wait for it.
+FAILOVER_TIMEOUT_MS = 2000
 #: The options every data node runs with: a full sync starts at once
 #: (Redis 7 waits 5 s for more replicas by default).
 NODE_OPTIONS = ("--repl-diskless-sync-delay", "0", "--repl-ping-replica-period", "1")
@@ -57,7 +63,7 @@ class SentinelServer(RedisServer):
                 "daemonize no\n"
                 f"sentinel monitor {SERVICE} {HOST} {master_port} {quorum}\n"
                 f"sentinel down-after-milliseconds {SERVICE} {DOWN_AFTER_MS}\n"
-                f"sentinel failover-timeout {SERVICE} 10000\n"
+                f"sentinel failover-timeout {SERVICE} {FAILOVER_TIMEOUT_MS}\n"
                 f"sentinel parallel-syncs {SERVICE} 1\n"
             )
 
