@@ -8,7 +8,8 @@ three Sentinels (``redis-server CONF --sentinel``) and ``gunicorn -k gevent
 URL, all on free ports of 127.0.0.1. Streams stay open on /gen/lobby (a
 stream that ends reconnects with its Last-Event-ID, as EventSource does)
 while one publisher POSTs numbered events without pause. Then, ``--kills``
-times: SIGKILL the master, wait for the Sentinels to promote the replica,
+times (with ``--lag S``, after stopping the replica for S seconds, so that
+it is behind): SIGKILL the master, wait for the Sentinels to promote the replica,
 start the killed node again as a replica of the new master, and wait for
 POSTs to succeed again. It prints, per setting:
 
@@ -22,8 +23,9 @@ POSTs to succeed again. It prints, per setting:
     events that streams got although their POST was answered 503 (whose
     outcome the publisher could not know).
 ``publish_ms``
-    ``publish()`` latency (in this process, through the same Sentinel URL,
-    the cluster idle): p50 and p99 over ``--publishes`` calls.
+    ``publish()`` latency at each setting (in this process, through the same
+    Sentinel URL, no failover, settings alternating in 5 rounds): p50 and
+    p99 over ``--publishes`` calls each.
 
 Every process is stopped by PID at the end.
 """
@@ -32,6 +34,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import statistics
 import sys
 import threading
@@ -161,28 +165,43 @@ def start_gunicorn(setup: SentinelSetup, min_replicas: int) -> Server:
 
 
 def measure_publish(
-    setup: SentinelSetup, min_replicas: int, count: int
+    settings: list[int], count: int, rounds: int = 5
 ) -> dict[str, t.Any]:
+    """``publish()`` latency at each MIN_REPLICAS setting, on one topology,
+    in alternating rounds (so that the machine's load hits all alike)."""
     from example_app import create_app
     from tests.support.redis import close_app
 
-    app = create_app({**setup.config(), "EVENTSTREAM_REDIS_MIN_REPLICAS": min_replicas})
-    stream = app.extensions["eventstream"].owner
-    times: list[float] = []
+    setup = SentinelSetup.start(replicas=1)
+    apps = {
+        n: create_app({**setup.config(), "EVENTSTREAM_REDIS_MIN_REPLICAS": n})
+        for n in settings
+    }
+    times: dict[int, list[float]] = {n: [] for n in settings}
     try:
-        with app.app_context():
-            for i in range(50):  # connections made, scripts loaded
-                stream.publish("latency", i)
-            for i in range(count):
-                start = time.perf_counter()
-                stream.publish("latency", i)
-                times.append((time.perf_counter() - start) * 1000)
+        for app in apps.values():
+            with app.app_context():
+                for i in range(50):  # connections made, scripts loaded
+                    app.extensions["eventstream"].owner.publish("latency", i)
+        for _ in range(rounds):
+            for n, app in apps.items():
+                stream = app.extensions["eventstream"].owner
+                with app.app_context():
+                    for i in range(count // rounds):
+                        start = time.perf_counter()
+                        stream.publish("latency", i)
+                        times[n].append((time.perf_counter() - start) * 1000)
     finally:
-        close_app(app)
+        for app in apps.values():
+            close_app(app)
+        setup.close()
     return {
-        "publishes": count,
-        "p50_ms": round(statistics.median(times), 3),
-        "p99_ms": round(percentile(times, 99), 3),
+        f"min_replicas_{n}": {
+            "publishes": len(values),
+            "p50_ms": round(statistics.median(values), 3),
+            "p99_ms": round(percentile(values, 99), 3),
+        }
+        for n, values in times.items()
     }
 
 
@@ -199,14 +218,13 @@ def failover_loop(
     min_replicas: int,
     kills: int,
     streams: int,
-    publishes: int,
     logs: Path | None = None,
+    lag: float = 0.0,
 ) -> dict[str, t.Any]:
     setup = SentinelSetup.start(replicas=1)
     server: Server | None = None
     clients: Streams | None = None
     try:
-        publish_ms = measure_publish(setup, min_replicas, publishes)
         server = start_gunicorn(setup, min_replicas)
         clients = Streams(server, streams)
         publisher = Publisher(server)
@@ -224,8 +242,18 @@ def failover_loop(
                     ),
                     60,
                 )
+                replica = next(
+                    n for n in setup.nodes if n.running and n is not setup.master
+                )
+                if lag:
+                    # The replica falls behind (SIGSTOP) just before the
+                    # master dies, as a replica on a slow network would.
+                    os.kill(replica.pid, signal.SIGSTOP)
+                    time.sleep(lag)
                 old = setup.kill_master()
                 killed_at = time.monotonic()
+                if lag:
+                    os.kill(replica.pid, signal.SIGCONT)
                 new = setup.wait_failover(old)
                 promoted = time.monotonic() - killed_at
                 setup.rejoin(old)
@@ -276,6 +304,7 @@ def failover_loop(
             unacknowledged += len(set(got) & set(refused))
         return {
             "min_replicas": min_replicas,
+            "replica_lag_s": lag,
             "kills": kills,
             "streams": streams,
             "seconds_to_publish": recovery,
@@ -289,7 +318,6 @@ def failover_loop(
             "unacknowledged_delivered": unacknowledged,
             "resets": clients.resets(),
             "reconnects": clients.reconnects,
-            "publish_ms": publish_ms,
         }
     finally:
         if clients is not None:
@@ -311,14 +339,22 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--logs", type=Path, help="save the Redis logs here")
+    parser.add_argument(
+        "--lag",
+        type=float,
+        default=0.0,
+        help="stop the replica this many seconds before each kill (a lagging replica)",
+    )
     args = parser.parse_args(argv)
     raise_nofile()
-    results = []
+    results: dict[str, t.Any] = {}
+    results["publish_ms"] = measure_publish(args.min_replicas, args.publishes)
+    print("publish()", json.dumps(results["publish_ms"]), flush=True)
     for n in args.min_replicas:
         print(f"MIN_REPLICAS={n}", flush=True)
-        result = failover_loop(n, args.kills, args.streams, args.publishes, args.logs)
+        result = failover_loop(n, args.kills, args.streams, args.logs, args.lag)
         print(json.dumps(result), flush=True)
-        results.append(result)
+        results[f"failover_min_replicas_{n}"] = result
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
     return 0
