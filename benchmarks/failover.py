@@ -8,8 +8,8 @@ three Sentinels (``redis-server CONF --sentinel``) and ``gunicorn -k gevent
 URL, all on free ports of 127.0.0.1. Streams stay open on /gen/lobby (a
 stream that ends reconnects with its Last-Event-ID, as EventSource does)
 while one publisher POSTs numbered events without pause. Then, ``--kills``
-times (with ``--lag S``, after stopping the replica for S seconds, so that
-it is behind): SIGKILL the master, wait for the Sentinels to promote the replica,
+times (with ``--lag S``, after cutting the replica off for S seconds, so
+that it is behind): SIGKILL the master, wait for the Sentinels to promote the replica,
 start the killed node again as a replica of the new master, and wait for
 POSTs to succeed again. It prints, per setting:
 
@@ -242,13 +242,14 @@ def failover_loop(
                     ),
                     60,
                 )
-                replica = next(
-                    n for n in setup.nodes if n.running and n is not setup.master
-                )
+                master = setup.master
+                replica = next(n for n in setup.nodes if n.running and n is not master)
                 if lag:
-                    # The replica falls behind (SIGSTOP) just before the
-                    # master dies, as a replica on a slow network would.
+                    # The replica falls behind just before the master dies,
+                    # as on a slow network: it is stopped and its link cut,
+                    # so that what the master takes meanwhile reaches no one.
                     os.kill(replica.pid, signal.SIGSTOP)
+                    master.client().client_kill_filter(_type="replica")
                     time.sleep(lag)
                 old = setup.kill_master()
                 killed_at = time.monotonic()
