@@ -25,6 +25,7 @@ from tests.support.redis import close_app
 from tests.support.redis import HOST
 from tests.support.redis import RedisServer
 from tests.support.redis import stream_entries
+from tests.support.sentinel import NODE_OPTIONS
 from tests.support.tls import TLSFiles
 
 pytestmark = pytest.mark.redis
@@ -307,9 +308,7 @@ def test_the_documented_acl_user_is_enough(
 
 
 def test_the_documented_acl_user_with_min_replicas(start_redis: StartRedis, apps):
-    master = start_redis()
-    replica = start_redis(extra=["--replicaof", HOST, str(master.port)])
-    wait_replicas(master, 1)
+    master, replica = start_pair(start_redis)
     url = add_user(master, acl_rules(), "pw2")
     app = apps({"EVENTSTREAM_REDIS_URL": url, "EVENTSTREAM_REDIS_MIN_REPLICAS": 1})
     client = app.test_client()
@@ -356,6 +355,14 @@ def test_two_apps_with_different_prefixes_share_a_redis(
 # -- EVENTSTREAM_REDIS_MIN_REPLICAS --
 
 
+def start_pair(start_redis: StartRedis) -> tuple[RedisServer, RedisServer]:
+    """A master and a replica in sync with it."""
+    master = start_redis(extra=NODE_OPTIONS)
+    replica = start_redis(extra=[*NODE_OPTIONS, "--replicaof", HOST, str(master.port)])
+    wait_replicas(master, 1)
+    return master, replica
+
+
 def wait_replicas(master: RedisServer, count: int, timeout: float = 20) -> None:
     deadline = time.monotonic() + timeout
     while True:
@@ -377,9 +384,7 @@ def test_min_replicas_waits_for_a_replica_and_retries_without_duplicates(
     from flask_eventstream.backends.redis import client as backend
 
     monkeypatch.setattr(backend, "PUBLISH_UNSURE_TIME", 2.5)
-    master = start_redis()
-    replica = start_redis(extra=["--replicaof", HOST, str(master.port)])
-    wait_replicas(master, 1)
+    master, replica = start_pair(start_redis)
     app = apps({**master.config(), "EVENTSTREAM_REDIS_MIN_REPLICAS": 1})
     stream = app.extensions["eventstream"]
     client = app.test_client()
@@ -444,9 +449,7 @@ def test_a_retry_after_a_lost_reply_is_found_by_its_token(
     # (with the retry flag) returns the first id instead of adding the event.
     from flask_eventstream.backends.redis.scripts import PUBLISH
 
-    master = start_redis()
-    start_redis(extra=["--replicaof", HOST, str(master.port)])
-    wait_replicas(master, 1)
+    master, _ = start_pair(start_redis)
     script = master.client().register_script(PUBLISH)
     keys = ["eventstream:tok", "eventstream:~meta"]
     first = script(keys=keys, args=["10", "tok-1", "0", "1", "d", "x"])
