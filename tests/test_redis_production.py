@@ -194,6 +194,21 @@ def test_example_app_reads_redis_options_as_json(monkeypatch, tmp_path):
         make_app({})
 
 
+# -- a Unix socket --
+
+
+def test_publish_and_resume_over_a_unix_socket(start_redis: StartRedis, apps, tmp_path):
+    path = tmp_path / "redis.sock"
+    start_redis(extra=["--unixsocket", str(path), "--unixsocketperm", "700"])
+    app = apps({"EVENTSTREAM_REDIS_URL": f"unix://{path}?db=0"})
+    client = app.test_client()
+    response = client.get("/stream/unix", buffered=False)
+    ids = [post(client, "unix", i) for i in range(3)]
+    assert [e.id for e in read_events(response, 3)] == ids
+    resumed = client.get("/stream/unix", headers={"Last-Event-ID": ids[1]})
+    assert [e.data for e in read_events(resumed, 1)] == ["2"]
+
+
 # -- TLS --
 
 
