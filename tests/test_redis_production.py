@@ -209,6 +209,27 @@ def test_publish_and_resume_over_a_unix_socket(start_redis: StartRedis, apps, tm
     assert [e.data for e in read_events(resumed, 1)] == ["2"]
 
 
+# -- Sentinel --
+
+
+def test_sentinel_url_with_a_password(start_sentinel, apps):
+    setup = start_sentinel(password="s3nt-pw")
+    assert setup.url.startswith("redis+sentinel://:s3nt-pw@127.0.0.1:")
+    app = apps(setup.config())
+    client = app.test_client()
+    response = client.get("/stream/s", buffered=False)
+    ids = [post(client, "s", i) for i in range(3)]
+    assert [e.id for e in read_events(response, 3)] == ids
+    assert [i for i, _ in stream_entries(setup.master, "s")] == ids
+    wrong = apps({"EVENTSTREAM_REDIS_URL": setup.url.replace("s3nt-pw", "nope-pw")})
+    start = time.monotonic()
+    with wrong.app_context(), pytest.raises(PublishError) as info:
+        wrong.extensions["eventstream"].publish("s", "x")
+    assert time.monotonic() - start < 2
+    assert "nope-pw" not in str(info.value)
+    assert "the master 'mymaster' of the Sentinels at 127.0.0.1:" in str(info.value)
+
+
 # -- TLS --
 
 

@@ -81,6 +81,7 @@ class RedisServer:
         extra: Sequence[str] = (),
         port: int | None = None,
         tls: TLSFiles | None = None,
+        password: str | None = None,
     ) -> None:
         self.binary = binary
         self.appendonly = appendonly
@@ -88,6 +89,8 @@ class RedisServer:
         self.port = port or free_port()
         #: With TLS files, the server speaks TLS only (its plain port is off).
         self.tls = tls
+        #: With a password, clients must AUTH (``requirepass``).
+        self.password = password
         self._tmp = tempfile.TemporaryDirectory(prefix="eventstream-redis-")
         self.dir = self._tmp.name
         self.log_path = os.path.join(self.dir, "redis.log")
@@ -134,6 +137,8 @@ class RedisServer:
             ports += ["--tls-ca-cert-file", self.tls.ca, "--tls-auth-clients", "no"]
         else:
             ports = ["--port", str(self.port)]
+        if self.password:
+            ports += ["--requirepass", self.password, "--masterauth", self.password]
         argv = [
             self.binary,
             *ports,
@@ -181,6 +186,10 @@ class RedisServer:
                     s = stack.enter_context(
                         context.wrap_socket(s, server_hostname=HOST)
                     )
+                if self.password:
+                    s.sendall(f"AUTH {self.password}\r\n".encode())
+                    if not s.recv(64).startswith(b"+OK"):
+                        return False
                 s.sendall(b"PING\r\n")
                 reply = s.recv(64)
         except OSError:
@@ -205,6 +214,7 @@ class RedisServer:
         import redis
 
         kwargs.setdefault("client_name", "tests")
+        kwargs.setdefault("password", self.password)
         kwargs.setdefault("socket_timeout", 5)
         client = redis.Redis.from_url(self.url, **{**self.options, **kwargs})
         self._clients.append(client)

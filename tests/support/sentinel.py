@@ -50,8 +50,10 @@ NODE_OPTIONS = ("--repl-diskless-sync-delay", "0", "--repl-ping-replica-period",
 class SentinelServer(RedisServer):
     """``redis-server sentinel.conf --sentinel`` on ``127.0.0.1:port``."""
 
-    def __init__(self, binary: str, master_port: int, quorum: int) -> None:
-        super().__init__(binary)
+    def __init__(
+        self, binary: str, master_port: int, quorum: int, password: str | None = None
+    ) -> None:
+        super().__init__(binary, password=password)
         self.conf_path = os.path.join(self.dir, "sentinel.conf")
         # Sentinel rewrites its configuration file as it learns the topology.
         with open(self.conf_path, "w", encoding="ascii") as f:
@@ -66,6 +68,10 @@ class SentinelServer(RedisServer):
                 f"sentinel failover-timeout {SERVICE} {FAILOVER_TIMEOUT_MS}\n"
                 f"sentinel parallel-syncs {SERVICE} 1\n"
             )
+            if password:
+                f.write(
+                    f"requirepass {password}\nsentinel auth-pass {SERVICE} {password}\n"
+                )
 
     @property
     def url(self) -> str:
@@ -78,7 +84,13 @@ class SentinelServer(RedisServer):
         """A command's reply, or None if this Sentinel does not answer."""
         import redis
 
-        client = redis.Redis(HOST, self.port, socket_timeout=1, decode_responses=True)
+        client = redis.Redis(
+            HOST,
+            self.port,
+            password=self.password,
+            socket_timeout=1,
+            decode_responses=True,
+        )
         try:
             return client.execute_command(*command)
         except (redis.RedisError, OSError):
@@ -109,7 +121,9 @@ class SentinelSetup:
     @property
     def url(self) -> str:
         hosts = ",".join(f"{HOST}:{s.port}" for s in self.sentinels)
-        return f"redis+sentinel://{hosts}/0/{SERVICE}"
+        password = self.sentinels[0].password
+        auth = f":{password}@" if password else ""
+        return f"redis+sentinel://{auth}{hosts}/0/{SERVICE}"
 
     def config(self) -> dict[str, t.Any]:
         return {"EVENTSTREAM_REDIS_URL": self.url}
@@ -222,16 +236,18 @@ class SentinelSetup:
         binary: str = "redis-server",
         replicas: int = 1,
         started: Callable[[RedisServer], object] = lambda server: None,
+        password: str | None = None,
     ) -> SentinelSetup:
         """Start a master, ``replicas`` replicas and three Sentinels, and
         wait until the replicas are in sync and every Sentinel knows the
-        others. ``started`` is called with each process before it starts."""
-        master = RedisServer(binary, extra=NODE_OPTIONS)
+        others. ``started`` is called with each process before it starts.
+        With ``password``, every node and Sentinel requires it."""
+        master = RedisServer(binary, extra=NODE_OPTIONS, password=password)
         nodes = [master]
         for _ in range(replicas):
             extra = [*NODE_OPTIONS, "--replicaof", HOST, str(master.port)]
-            nodes.append(RedisServer(binary, extra=extra))
-        sentinels = [SentinelServer(binary, master.port, 2) for _ in range(3)]
+            nodes.append(RedisServer(binary, extra=extra, password=password))
+        sentinels = [SentinelServer(binary, master.port, 2, password) for _ in range(3)]
         setup = cls(nodes, sentinels)
         try:
             for server in [*nodes, *sentinels]:
@@ -261,7 +277,8 @@ pytest_runtest_makereport = report_on_failure(
 def start_sentinel(
     request: pytest.FixtureRequest,
 ) -> Iterator[Callable[..., SentinelSetup]]:
-    """``start_sentinel(replicas=1)`` -> a running :class:`SentinelSetup`."""
+    """``start_sentinel(replicas=1, password=None)`` -> a running
+    :class:`SentinelSetup`."""
     from tests.conftest import require_tool
 
     binary = require_tool("redis-server", "Redis")
@@ -269,8 +286,8 @@ def start_sentinel(
     processes: list[RedisServer] = []
     request.node.stash[_SENTINEL] = processes
 
-    def start(replicas: int = 1) -> SentinelSetup:
-        setup = SentinelSetup.start(binary, replicas, processes.append)
+    def start(replicas: int = 1, password: str | None = None) -> SentinelSetup:
+        setup = SentinelSetup.start(binary, replicas, processes.append, password)
         setups.append(setup)
         return setup
 

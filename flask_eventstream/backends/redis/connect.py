@@ -23,6 +23,10 @@ from .url import Target
 __all__ = ["Connector", "tls_failure"]
 
 
+#: Timeout of a Sentinel's answer (seconds), unless sentinel_kwargs says.
+SENTINEL_TIMEOUT = 1.0
+
+
 class _BlockingSentinelPool(SentinelConnectionPool, redis.BlockingConnectionPool):
     """A Sentinel-managed pool that waits (bounded) for a free connection
     instead of failing at once when all are in use."""
@@ -100,14 +104,21 @@ class Connector:
                 kwargs.setdefault("username", target.username)
             if target.password is not None:
                 kwargs.setdefault("password", target.password)
+            # The Sentinels answer at once: a short timeout, and no retry of
+            # redis-py's own (ours are bounded).
+            defaults = {
+                k: v
+                for k, v in kwargs.items()
+                if k in ("retry", "socket_connect_timeout", "socket_keepalive")
+            }
+            defaults["socket_timeout"] = SENTINEL_TIMEOUT
             if sentinel_kwargs is None:
-                # The URL's credentials and the timeouts work for the
-                # Sentinels too (python-socketio's reading of this URL).
-                sentinel_kwargs = {
-                    k: v
-                    for k, v in kwargs.items()
-                    if k.startswith("socket_") or k in ("username", "password")
-                }
+                # The URL's credentials work for the Sentinels too
+                # (python-socketio's reading of this URL).
+                for k in ("username", "password"):
+                    if k in kwargs:
+                        defaults[k] = kwargs[k]
+            sentinel_kwargs = {**defaults, **(sentinel_kwargs or {})}
             pool_class: type[SentinelConnectionPool] = SentinelConnectionPool
             if pool_timeout is not None:
                 pool_class = _BlockingSentinelPool
