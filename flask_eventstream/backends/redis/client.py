@@ -173,6 +173,7 @@ class Client:
                 raw = self._run_publish(client, keys, args)
                 break
             except (RedisConnectionError, RedisTimeoutError, OSError) as e:
+                error: BaseException = e
                 if tls_failure(e):
                     raise PublishError(
                         f"Could not publish to channel {channel!r}: the TLS"
@@ -197,6 +198,7 @@ class Client:
                         f" {self.where} refused it ({e})."
                     ) from e
                 # Nothing was written: a master without its replicas yet.
+                error = e
                 problem = f"has too few replicas ({e})"
             except RedisError as e:
                 raise PublishError(
@@ -207,7 +209,7 @@ class Client:
                 raise PublishError(
                     f"Could not publish to channel {channel!r}: Redis at"
                     f" {self.where} {problem}."
-                )
+                ) from error
             if delay:
                 _gevent.sleep(delay)
             delay = min(delay * 2, 0.4) if delay else 0.05
