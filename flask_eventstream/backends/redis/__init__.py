@@ -26,7 +26,8 @@ Each event is encoded once per process: the publishing process encodes it
 reader encodes it once for all its subscribers.
 
 The scripts touch several keys at once, so a Redis Cluster is not supported;
-a single server (with replicas) is.
+a single server is, with replicas, behind Sentinel (:mod:`.connect`) and with
+``min_replicas`` acknowledging every event.
 
 Nothing else in the package imports :mod:`redis`; this package is imported
 only when a Redis URL is configured.
