@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import hmac
+import json
 import os
 import typing as t
 
@@ -28,8 +29,11 @@ __all__ = ["create_app", "stream"]
 
 stream = EventStream()
 
-_ENV_KEYS = {
+_ENV_KEYS: dict[str, t.Callable[[str], t.Any]] = {
     "EVENTSTREAM_REDIS_URL": str,
+    "EVENTSTREAM_REDIS_OPTIONS": json.loads,
+    "EVENTSTREAM_REDIS_PREFIX": str,
+    "EVENTSTREAM_REDIS_MIN_REPLICAS": int,
     "EVENTSTREAM_HEARTBEAT": float,
     "EVENTSTREAM_RETRY": int,
     "EVENTSTREAM_HISTORY": int,
@@ -52,8 +56,9 @@ def _config_from_env() -> dict[str, t.Any]:
         try:
             config[key] = kind(value)
         except ValueError:
+            what = "JSON" if kind is json.loads else f"a {kind.__name__}"
             raise ValueError(
-                f"Environment variable {key}={value!r} is not a {kind.__name__}"
+                f"Environment variable {key}={value!r} is not {what}"
             ) from None
     return config
 

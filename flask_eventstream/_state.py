@@ -32,6 +32,9 @@ class Settings:
     """The ``EVENTSTREAM_*`` configuration of one application, read once."""
 
     redis_url: str | None = None
+    redis_options: t.Mapping[str, t.Any] = dataclasses.field(default_factory=dict)
+    redis_prefix: str = "eventstream:"
+    redis_min_replicas: int = 0
     heartbeat: float = 15.0
     retry: int = 3000
     history: int = 1000
@@ -43,6 +46,9 @@ class Settings:
 
     KEYS: t.ClassVar[dict[str, str]] = {
         "redis_url": "EVENTSTREAM_REDIS_URL",
+        "redis_options": "EVENTSTREAM_REDIS_OPTIONS",
+        "redis_prefix": "EVENTSTREAM_REDIS_PREFIX",
+        "redis_min_replicas": "EVENTSTREAM_REDIS_MIN_REPLICAS",
         "heartbeat": "EVENTSTREAM_HEARTBEAT",
         "retry": "EVENTSTREAM_RETRY",
         "history": "EVENTSTREAM_HISTORY",
@@ -63,6 +69,23 @@ class Settings:
             _positive("max_connections", self.max_connections, integer=True)
         if self.max_lifetime is not None:
             _positive("max_lifetime", self.max_lifetime)
+        _positive(
+            "redis_min_replicas", self.redis_min_replicas, integer=True, zero=True
+        )
+        if not isinstance(self.redis_options, t.Mapping):
+            raise TypeError(
+                "EVENTSTREAM_REDIS_OPTIONS must be a dict of redis-py connection"
+                f" options, not {self.redis_options!r}"
+            )
+        prefix = self.redis_prefix
+        if not isinstance(prefix, str):
+            raise TypeError(
+                f"EVENTSTREAM_REDIS_PREFIX must be a string, not {prefix!r}"
+            )
+        if not 0 < len(prefix) <= 128:
+            raise ValueError(
+                f"EVENTSTREAM_REDIS_PREFIX must be 1 to 128 characters, not {prefix!r}"
+            )
 
     @classmethod
     def from_config(cls, config: t.Mapping[str, t.Any]) -> Settings:
@@ -103,7 +126,13 @@ def _make_backend(settings: Settings) -> t.Callable[[Sink], Backend]:
 
         url = settings.redis_url
         return lambda sink: RedisBackend(
-            sink, url, history=settings.history, max_event_size=size
+            sink,
+            url,
+            history=settings.history,
+            max_event_size=size,
+            prefix=settings.redis_prefix,
+            options=settings.redis_options,
+            min_replicas=settings.redis_min_replicas,
         )
 
     from .backends.memory import MemoryBackend

@@ -4,6 +4,7 @@ with their real defaults."""
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import pathlib
 import re
@@ -54,8 +55,12 @@ def test_config_page_defaults_match_the_code() -> None:
         written = entries[key]
         if actual is None:
             assert written == "None", f"{key}: docs say {written}, code None"
-        else:
+        elif isinstance(actual, (int, float)):
             assert float(written) == actual, f"{key}: docs say {written}, code {actual}"
+        else:
+            assert ast.literal_eval(written) == actual, (
+                f"{key}: docs say {written}, code {actual!r}"
+            )
 
 
 @pytest.fixture(scope="module")

@@ -433,7 +433,7 @@ def test_reader_cuts_off_streams_that_fell_behind_trimming(
         for i in range(40):
             script(
                 keys=["eventstream:g", "eventstream:~meta"],
-                args=["1", f"tok{i}", "0", "d", f"burst{i}"],
+                args=["1", f"tok{i}", "0", "0", "d", f"burst{i}"],
                 client=pipe,
             )
         burst = [raw.decode() for raw in pipe.execute()]
@@ -596,11 +596,14 @@ def test_a_retried_publish_is_added_once(redis_server: RedisServer):
     admin = redis_server.client()
     script = admin.register_script(PUBLISH)
     keys = ["eventstream:once", "eventstream:~meta"]
-    first = script(keys=keys, args=["10", "tok-a", "0", "d", "x"])
-    other = script(keys=keys, args=["10", "tok-b", "0", "d", "y"])
-    again = script(keys=keys, args=["10", "tok-a", "1", "d", "x"])
+    first = script(keys=keys, args=["10", "tok-a", "0", "0", "d", "x"])
+    other = script(keys=keys, args=["10", "tok-b", "0", "0", "d", "y"])
+    again = script(keys=keys, args=["10", "tok-a", "1", "0", "d", "x"])
     assert again == first != other
     assert stream_ids(redis_server, "once") == [first.decode(), other.decode()]
     # Without the retry flag, the same token adds an event (no lookup cost
     # on the normal path).
-    assert script(keys=keys, args=["10", "tok-a", "0", "d", "x"]) not in (first, other)
+    assert script(keys=keys, args=["10", "tok-a", "0", "0", "d", "x"]) not in (
+        first,
+        other,
+    )

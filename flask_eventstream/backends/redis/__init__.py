@@ -26,7 +26,8 @@ Each event is encoded once per process: the publishing process encodes it
 reader encodes it once for all its subscribers.
 
 The scripts touch several keys at once, so a Redis Cluster is not supported;
-a single server (with replicas) is.
+a single server is, with replicas, behind Sentinel (:mod:`.connect`) and with
+``min_replicas`` acknowledging every event.
 
 Nothing else in the package imports :mod:`redis`; this package is imported
 only when a Redis URL is configured.
@@ -38,6 +39,7 @@ import dataclasses
 import os
 import secrets
 import threading
+import typing as t
 
 from ...broker import encode_frame
 from ...broker import Key
@@ -64,11 +66,17 @@ class RedisBackend:
     """A :class:`~flask_eventstream.broker.Backend` on a Redis server.
 
     :param sink: where events read from Redis go (the broker of this process).
-    :param url: a ``redis://`` (or ``rediss://``, ``unix://``) URL.
+    :param url: a ``redis://``, ``rediss://``, ``unix://`` or
+        ``redis+sentinel://`` URL.
     :param history: entries kept per channel (approximately: Redis trims
         whole nodes of a stream, so a few more may be kept).
     :param max_event_size: largest encoded event in bytes.
     :param prefix: the prefix of every key this backend uses.
+    :param options: more keyword arguments for redis-py's connections.
+    :param min_replicas: replicas that must hold an event before
+        :meth:`publish` returns it (Redis ``WAIT``); readers hand out only
+        events that this many replicas hold.
+    :raises ValueError: for a malformed URL or options redis-py rejects.
     """
 
     def __init__(
@@ -79,6 +87,8 @@ class RedisBackend:
         *,
         max_event_size: int = 1 << 20,
         prefix: str = PREFIX,
+        options: t.Mapping[str, t.Any] | None = None,
+        min_replicas: int = 0,
     ) -> None:
         self._sink = sink
         self._max_event_size = max_event_size
@@ -87,7 +97,7 @@ class RedisBackend:
         # history is kept; resume then replays nothing.
         self._maxlen = str(max(history, 1))
         self._prefix = prefix
-        self._client = Client(url, prefix + "~meta")
+        self._client = Client(url, prefix, options, min_replicas)
         self._lock = threading.Lock()
         self._closed = False
         self._reset_process()
@@ -122,7 +132,8 @@ class RedisBackend:
             dataclasses.replace(event, id=SIZE_ID), None, self._max_event_size
         ).data
         token = secrets.token_hex(8)
-        args: list[str] = [self._maxlen, token, "0"]
+        replicas = str(self._client.min_replicas)
+        args: list[str] = [self._maxlen, token, "0", replicas]
         if event.text is not None:
             args += ["d", event.text]
         if event.event is not None:

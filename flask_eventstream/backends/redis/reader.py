@@ -43,6 +43,7 @@ from ..planning import replay
 from ..planning import reset_reason
 from .client import as_key
 from .client import Client
+from .client import TooFewReplicas
 
 __all__ = ["SIZE_ID", "Encoded", "Pending", "Reader", "entry_event", "plan"]
 
@@ -248,13 +249,7 @@ class Reader:
             try:
                 unblocked = self._client.publisher().client_unblock(reader_id)
             except ResponseError:
-                log.warning(
-                    "CLIENT UNBLOCK is not allowed on %s: new subscriptions"
-                    " wait for the reader to poll (every %d ms).",
-                    self._client.where,
-                    BLOCK_MS_NO_UNBLOCK,
-                )
-                self._unblock = False
+                self._no_unblock()
                 return
             except (RedisError, OSError):
                 return  # the reader reconnects, then registers
@@ -264,6 +259,26 @@ class Reader:
             # one, unless that one was already on its way.
             _gevent.sleep(delay)
             delay *= 2
+
+    def _no_unblock(self) -> None:
+        if self._unblock:
+            self._unblock = False
+            log.warning(
+                "CLIENT UNBLOCK is not allowed on %s: new subscriptions"
+                " wait for the reader to poll (every %d ms).",
+                self._client.where,
+                BLOCK_MS_NO_UNBLOCK,
+            )
+
+    def _check_unblock(self, reader: redis.Redis, client_id: int) -> None:
+        """Find out, before the first blocking read, whether the reader can
+        be woken (unblocking itself, which is not blocked, does nothing)."""
+        if not self._unblock:
+            return
+        try:
+            reader.client_unblock(client_id)
+        except ResponseError:
+            self._no_unblock()
 
     # -- the loop --
 
@@ -289,16 +304,17 @@ class Reader:
             while not self.closed and self._pid == os.getpid():
                 try:
                     if reader is None:
-                        pool = redis.ConnectionPool.from_url(
-                            self._client.url,
+                        reader = self._client.connector.client(
+                            "reader",
                             max_connections=1,
                             **self._client.options(
                                 "reader", socket_timeout=BLOCK_MS / 1000 + 5
                             ),
                         )
-                        reader = redis.Redis(connection_pool=pool)
                     if client_id is None:
-                        client_id = self._reader_id = int(reader.client_id())
+                        client_id = int(reader.client_id())
+                        self._check_unblock(reader, client_id)
+                        self._reader_id = client_id
                         if failures:
                             log.warning(
                                 "Redis at %s is back; reading events again.", where
@@ -318,8 +334,10 @@ class Reader:
                     idle_since = None
                     block = BLOCK_MS if self._unblock else BLOCK_MS_NO_UNBLOCK
                     reply = reader.xread(t.cast(t.Any, streams), block=block)
-                    if reply:
+                    if reply and self._client.replicated(reader):
                         self._dispatch(reply)
+                except TooFewReplicas:
+                    pass  # registration waits for the replicas, like reading
                 except (RedisError, OSError) as e:
                     disconnect()
                     failures += 1
@@ -388,6 +406,8 @@ class Reader:
             [self._prefix + c for c in channels],
             [next_id(starts[c]) for c in channels],
         )
+        if not self._client.replicated(reader):
+            raise TooFewReplicas("registration waits for the replicas")
         counter = as_key(reply[0])
         epoch = as_key(reply[1])
         server_ms = int(reply[2])
