@@ -12,6 +12,7 @@ supplies the keys and the revocation times.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import re
 import time
@@ -28,6 +29,7 @@ __all__ = [
     "MAX_GRANT_LENGTH",
     "SALT",
     "Grant",
+    "RedactGrants",
     "check_user",
     "load_grant",
     "redact",
@@ -170,7 +172,7 @@ def _parse(payload: object) -> Grant | None:
     )
 
 
-_GRANT_PARAM = re.compile(r"(?<=[?&;]grant=)[^&;\s\"']*")
+_GRANT_PARAM = re.compile(r"(?<![^?&;\s\"'])(grant=)[^&;\s\"']*")
 
 
 def redact(text: str) -> str:
@@ -178,4 +180,42 @@ def redact(text: str) -> str:
     ``grant=`` query parameter replaced, so that grants stay out of logs."""
     if "grant=" not in text:
         return text
-    return _GRANT_PARAM.sub("[redacted]", text)
+    return _GRANT_PARAM.sub(r"\1[redacted]", text)
+
+
+class RedactGrants(logging.Filter):
+    """A logging filter that replaces ``grant=`` values in a record's message
+    and arguments: servers log request lines, and a grant in a query string
+    would land in their logs. :meth:`EventStream.init_app()
+    <flask_eventstream.EventStream.init_app>` puts one on the loggers of
+    Werkzeug's development server and of gunicorn's access log."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.msg, str):
+            record.msg = redact(record.msg)
+        args = record.args
+        if isinstance(args, dict):
+            # In place: gunicorn's atoms are a dict subclass of its own.
+            for key, value in list(args.items()):
+                if isinstance(value, str) and "grant=" in value:
+                    args[key] = redact(value)
+        elif isinstance(args, tuple):
+            record.args = tuple(_redact_arg(v) for v in args)
+        return True
+
+
+def _redact_arg(value: object) -> object:
+    return redact(value) if isinstance(value, str) else value
+
+
+#: The loggers that write request lines: Werkzeug's development server, and
+#: gunicorn's access log (``%(r)s`` and ``%(q)s`` hold the query string).
+REQUEST_LOGGERS = ("werkzeug", "gunicorn.access")
+
+
+def redact_request_logs() -> None:
+    """Put a :class:`RedactGrants` filter on :data:`REQUEST_LOGGERS` (once)."""
+    for name in REQUEST_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, RedactGrants) for f in logger.filters):
+            logger.addFilter(RedactGrants())

@@ -4,6 +4,7 @@ refused; and redacting grants from log lines."""
 from __future__ import annotations
 
 import base64
+import logging
 import secrets
 import zlib
 
@@ -16,11 +17,13 @@ from flask_eventstream.grants import Grant
 from flask_eventstream.grants import load_grant
 from flask_eventstream.grants import MAX_GRANT_LENGTH
 from flask_eventstream.grants import redact
+from flask_eventstream.grants import RedactGrants
 from flask_eventstream.grants import SALT
 from flask_eventstream.grants import sign_grant
 
 KEYS = ["s3cret-key-of-this-app"]
 NOW = 1_800_000_000.0
+B64 = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
 
 
 def refusal(token: object, keys: list[str] = KEYS, now: float = NOW + 1) -> str:
@@ -46,9 +49,7 @@ def test_round_trip() -> None:
 
 def test_token_is_url_safe_and_short() -> None:
     token = sign_grant(KEYS, ["lobby"], "alice", 3600, now=NOW)
-    assert set(token) <= set(
-        "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_."
-    )
+    assert set(token) <= set(B64 + ".")
     assert len(token) < 150
 
 
@@ -205,3 +206,41 @@ def test_redact() -> None:
     assert redact(f"/s?grant={token} HTTP/1.1") == "/s?grant=[redacted] HTTP/1.1"
     assert redact("/s?regrant=1") == "/s?regrant=1"
     assert redact("nothing here") == "nothing here"
+
+
+def test_redact_a_query_string() -> None:
+    assert redact("grant=abc.def-_&x=1") == "grant=[redacted]&x=1"
+    assert redact("x=1;grant=abc") == "x=1;grant=[redacted]"
+
+
+def test_log_filter_redacts_messages_and_arguments() -> None:
+    records: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record.getMessage())
+
+    class Atoms(dict[str, object]):
+        def __getitem__(self, key: str) -> object:
+            return super().get(key, "-")
+
+    logger = logging.getLogger("tests.grants.redact")
+    logger.propagate = False
+    logger.setLevel(logging.INFO)
+    handler = Collect()
+    logger.addHandler(handler)
+    logger.addFilter(RedactGrants())
+    try:
+        logger.info('"GET /s?grant=SECRET1 HTTP/1.1" %s', 200)
+        logger.info('"%s" %s', "GET /s?grant=SECRET2 HTTP/1.1", 200)
+        logger.info(
+            "%(r)s %(q)s %(missing)s",
+            Atoms(r="GET /s?grant=SECRET3", q="grant=SECRET4"),
+        )
+    finally:
+        logger.removeHandler(handler)
+    assert records == [
+        '"GET /s?grant=[redacted] HTTP/1.1" 200',
+        '"GET /s?grant=[redacted] HTTP/1.1" 200',
+        "GET /s?grant=[redacted] grant=[redacted] -",
+    ]
