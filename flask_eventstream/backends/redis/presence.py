@@ -33,7 +33,7 @@ import typing as t
 
 import redis
 
-from ..presence import Changes
+from ...presence import Changes
 
 __all__ = ["RedisPresence", "Transition"]
 
