@@ -59,17 +59,20 @@ def register(
 
     @app.get("/grant/<channel>")
     def grant(channel: str) -> t.Any:
+        """A grant for one channel, or several joined by "+"."""
         user = request.args.get("user", "")
         if not user:
             return error(400, "Give a user: /grant/<channel>?user=NAME.")
-        if channel.startswith("private-") and channel != f"private-{user}":
-            return error(403, "A private channel is granted to its owner only.")
+        channels = channel.split("+")
+        for name in channels:
+            if name.startswith("private-") and name != f"private-{user}":
+                return error(403, "A private channel is granted to its owner only.")
         with lock:
             if user in revoked:
                 return error(403, f"User {user!r} was revoked.")
         expires_in = float(app.config["EXAMPLE_GRANT_EXPIRES"])
         try:
-            token = stream.grant(channel, user=user, expires_in=expires_in)
+            token = stream.grant(*channels, user=user, expires_in=expires_in)
         except (TypeError, ValueError) as e:
             return error(400, str(e))
         response = jsonify(grant=token, expires_in=expires_in)

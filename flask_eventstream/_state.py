@@ -43,6 +43,8 @@ class Settings:
     max_event_size: int = 1048576
     send_timeout: float = 30.0
     max_lifetime: float | None = None
+    presence_events: bool = False
+    presence_timeout: float = 30.0
 
     KEYS: t.ClassVar[dict[str, str]] = {
         "redis_url": "EVENTSTREAM_REDIS_URL",
@@ -57,11 +59,18 @@ class Settings:
         "max_event_size": "EVENTSTREAM_MAX_EVENT_SIZE",
         "send_timeout": "EVENTSTREAM_SEND_TIMEOUT",
         "max_lifetime": "EVENTSTREAM_MAX_LIFETIME",
+        "presence_events": "EVENTSTREAM_PRESENCE_EVENTS",
+        "presence_timeout": "EVENTSTREAM_PRESENCE_TIMEOUT",
     }
 
     def __post_init__(self) -> None:
-        for name in ("heartbeat", "send_timeout"):
+        for name in ("heartbeat", "send_timeout", "presence_timeout"):
             _positive(name, getattr(self, name))
+        if not isinstance(self.presence_events, bool):
+            raise TypeError(
+                "EVENTSTREAM_PRESENCE_EVENTS must be True or False,"
+                f" not {self.presence_events!r}"
+            )
         for name in ("history", "queue_size", "max_event_size"):
             _positive(name, getattr(self, name), integer=True, zero=name == "history")
         _positive("retry", self.retry, integer=True, zero=True)
@@ -133,6 +142,7 @@ def _make_backend(settings: Settings) -> t.Callable[[Sink], Backend]:
             prefix=settings.redis_prefix,
             options=settings.redis_options,
             min_replicas=settings.redis_min_replicas,
+            presence_timeout=settings.presence_timeout,
         )
 
     from .backends.memory import MemoryBackend
@@ -179,7 +189,30 @@ class AppState:
             _make_backend(settings),
             queue_size=settings.queue_size,
             on_delivered=on_delivered,
+            on_presence=self._presence_changed,
         )
+
+    def _presence_changed(self, channel: str, user: str, joined: bool) -> None:
+        if not self.settings.presence_events:
+            return
+        name = "eventstream-join" if joined else "eventstream-leave"
+        try:
+            self.broker.publish(channel, Event(data={"user": user}, event=name))
+        except Exception as e:
+            log.warning("Could not publish %s of a user on %r: %s", name, channel, e)
+
+    def grant_keys(self) -> list[str | bytes]:
+        """The keys grants are verified with, the signing key last."""
+        config = self.app.config if self.app is not None else {}
+        key = config.get("SECRET_KEY")
+        if not key:
+            raise RuntimeError(
+                "Grants are signed with the app's SECRET_KEY, which is not set:"
+                " set app.config['SECRET_KEY'] (the same on every worker and"
+                " host) to use stream.grant() and subscribe(grant=...)."
+            )
+        fallbacks = config.get("SECRET_KEY_FALLBACKS") or []
+        return [*fallbacks, key]
 
     def _send_published(self, channel: str, event: Event) -> None:
         if signals.event_published.receivers:

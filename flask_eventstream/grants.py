@@ -23,12 +23,12 @@ from itsdangerous import BadData
 from itsdangerous import URLSafeTimedSerializer
 
 from .broker import validate_channel
-from .exceptions import GrantRefused
 
 __all__ = [
     "MAX_GRANT_LENGTH",
     "SALT",
     "Grant",
+    "GrantInvalid",
     "RedactGrants",
     "check_user",
     "load_grant",
@@ -48,6 +48,16 @@ MAX_GRANT_LENGTH = 4096
 MAX_USER_LENGTH = 256
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+class GrantInvalid(ValueError):
+    """A token is not a grant that opens what was asked. :attr:`reason` is
+    ``"missing"``, ``"invalid"``, ``"expired"``, ``"revoked"`` or
+    ``"channels"``."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,7 +130,7 @@ def sign_grant(
         raise ValueError(
             f"expires_in must be a positive number of seconds, not {expires_in!r}"
         )
-    issued = int((time.time() if now is None else now) * 1000)
+    issued = round((time.time() if now is None else now) * 1000)
     payload = {"c": names, "u": user, "i": issued, "e": math.ceil(expires_in * 1000)}
     token = _serializer(keys).dumps(payload)
     return token if isinstance(token, str) else token.decode("ascii")
@@ -131,23 +141,23 @@ def load_grant(
 ) -> Grant:
     """Verify ``token`` and return the grant.
 
-    :raises GrantRefused: with ``reason`` ``"missing"`` (no token),
+    :raises GrantInvalid: with ``reason`` ``"missing"`` (no token),
         ``"invalid"`` (malformed, too long, tampered, or signed with another
         key) or ``"expired"``.
     """
     if token is None or token == "":
-        raise GrantRefused("missing")
+        raise GrantInvalid("missing")
     if not isinstance(token, str) or len(token) > MAX_GRANT_LENGTH:
-        raise GrantRefused("invalid")
+        raise GrantInvalid("invalid")
     try:
         payload = _serializer(keys).loads(token)
     except BadData:
-        raise GrantRefused("invalid") from None
+        raise GrantInvalid("invalid") from None
     grant = _parse(payload)
     if grant is None:
-        raise GrantRefused("invalid")
+        raise GrantInvalid("invalid")
     if (time.time() if now is None else now) >= grant.expires:
-        raise GrantRefused("expired")
+        raise GrantInvalid("expired")
     return grant
 
 

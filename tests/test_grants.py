@@ -11,9 +11,9 @@ import zlib
 import pytest
 from itsdangerous import URLSafeTimedSerializer
 
-from flask_eventstream.exceptions import GrantRefused
 from flask_eventstream.grants import check_user
 from flask_eventstream.grants import Grant
+from flask_eventstream.grants import GrantInvalid
 from flask_eventstream.grants import load_grant
 from flask_eventstream.grants import MAX_GRANT_LENGTH
 from flask_eventstream.grants import redact
@@ -27,9 +27,8 @@ B64 = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
 
 
 def refusal(token: object, keys: list[str] = KEYS, now: float = NOW + 1) -> str:
-    with pytest.raises(GrantRefused) as info:
+    with pytest.raises(GrantInvalid) as info:
         load_grant(keys, token, now=now)
-    assert info.value.code == 403
     return info.value.reason
 
 
@@ -74,9 +73,10 @@ def test_every_flipped_signature_byte_is_refused() -> None:
     token = sign_grant(KEYS, ["lobby"], "alice", 60, now=NOW)
     payload, _, signature = token.rpartition(".")
     for i in range(len(signature)):
-        flipped = (
-            signature[:i] + ("A" if signature[i] != "A" else "B") + signature[i + 1 :]
-        )
+        # Half the alphabet away: the top bit of the six changes, which is
+        # never a padding bit.
+        other = B64[(B64.index(signature[i]) + 32) % 64]
+        flipped = signature[:i] + other + signature[i + 1 :]
         assert refusal(payload + "." + flipped) == "invalid", i
 
 
@@ -185,15 +185,6 @@ def test_users() -> None:
     for wrong in (None, True, 1.5, b"alice"):
         with pytest.raises(TypeError):
             check_user(wrong)
-
-
-def test_refusal_is_a_plain_403() -> None:
-    response = GrantRefused("expired").get_response()
-    assert response.status_code == 403
-    assert response.mimetype == "text/plain"
-    assert response.get_data(as_text=True) == (
-        "403 Forbidden: Event stream refused: the grant has expired.\n"
-    )
 
 
 def test_redact() -> None:

@@ -32,14 +32,17 @@
     publish: root.dataset.publishUrl,
   };
 
-  function url(kind, channel) {
-    return urls[kind].replace("CHANNEL", encodeURIComponent(channel));
+  // Several channels share one stream (and one grant), joined by "+":
+  // browsers open at most six connections to a server over HTTP/1.1.
+  function url(kind, channels) {
+    const names = Array.isArray(channels) ? channels : [channels];
+    return urls[kind].replace("CHANNEL", names.map(encodeURIComponent).join("+"));
   }
 
   class Refused extends Error {}
 
-  async function fetchGrant(channel, user) {
-    const response = await fetch(url("grant", channel) + "?user=" + encodeURIComponent(user), {
+  async function fetchGrant(channels, user) {
+    const response = await fetch(url("grant", channels) + "?user=" + encodeURIComponent(user), {
       headers: { Accept: "application/json" },
       cache: "no-store",
     });
@@ -49,9 +52,9 @@
     return body.grant;
   }
 
-  // An EventSource on `channel` opened with a grant for `user`, reopened
+  // An EventSource on `channels` opened with a grant for `user`, reopened
   // with a new grant and the last event id whenever the browser gives up.
-  function grantedStream(channel, user, handlers, lastEventId, onState) {
+  function grantedStream(channels, user, handlers, lastEventId, onState) {
     let source = null;
     let stopped = false;
     let attempts = 0;
@@ -62,7 +65,7 @@
       if (stopped) return;
       let grant;
       try {
-        grant = await fetchGrant(channel, user);
+        grant = await fetchGrant(channels, user);
       } catch (err) {
         if (err instanceof Refused) {
           stop();
@@ -74,7 +77,7 @@
         return;
       }
       if (stopped) return;
-      let streamUrl = url("stream", channel) + "?grant=" + encodeURIComponent(grant);
+      let streamUrl = url("stream", channels) + "?grant=" + encodeURIComponent(grant);
       if (lastId) streamUrl += "&lastEventId=" + encodeURIComponent(lastId);
       const es = new EventSource(streamUrl);
       source = es;
@@ -220,21 +223,21 @@
     showPeopleStatus("");
     const resumeFrom = chat.handOver();
     chat.setStatus("connecting");
-    const lobbyHandlers = Object.assign({}, chat.handlers, {
+    // One stream for the lobby and the user's private channel. Ids are
+    // shared by every channel, so the chat's last id resumes both.
+    const handlers = Object.assign({}, chat.handlers, {
       "eventstream-join": onJoin,
       "eventstream-leave": onLeave,
+      private: onPrivate,
     });
     streams.push(
-      grantedStream("lobby", me, lobbyHandlers, resumeFrom, (state) => {
+      grantedStream(["lobby", "private-" + me], me, handlers, resumeFrom, (state) => {
         if (state === "refused") {
           onRefused();
           return;
         }
         chat.setStatus(state);
         if (state === "live") refreshPresence();
-      }),
-      grantedStream("private-" + me, me, { private: onPrivate }, "", (state) => {
-        if (state === "refused") onRefused();
       }),
     );
   });

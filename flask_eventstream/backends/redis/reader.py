@@ -174,8 +174,16 @@ class Reader:
         prefix: str,
         history: int,
         encoded: dict[bytes, Encoded],
+        control_key: str | None = None,
+        on_control: t.Callable[[t.Any], None] | None = None,
     ) -> None:
         self._client = client
+        #: The stream of control messages (revoke, disconnect) read along
+        #: with the channels, and what to do with its entries.
+        self._control_key = control_key
+        self._on_control = on_control
+        #: The id after which control messages are read; set once connected.
+        self._control_position: str | None = None
         self._sink = sink
         self._prefix = prefix
         self._history = history
@@ -321,6 +329,13 @@ class Reader:
                             )
                         failures = 0
                     wakeup.clear()
+                    if self._control_key and self._control_position is None:
+                        # Control messages from now on: a stream opened
+                        # before this checked revocations in Redis itself.
+                        top: t.Any = reader.xrevrange(self._control_key, count=1)
+                        self._control_position = (
+                            top[0][0].decode("ascii") if top else "0-0"
+                        )
                     self._register(reader)
                     streams = self._streams()
                     if not streams:
@@ -370,13 +385,17 @@ class Reader:
             return True
 
     def _streams(self) -> dict[str, str]:
-        """What to XREAD: every channel with registered subscriptions."""
+        """What to XREAD: every channel with registered subscriptions, and
+        the control stream while there are any."""
         with self._lock:
             positions = self._positions
             subscribers = self._sink.subscribers
             for channel in [c for c in positions if not subscribers(c)]:
                 del positions[channel]
-            return {self._prefix + c: format_id(k) for c, k in positions.items()}
+            streams = {self._prefix + c: format_id(k) for c, k in positions.items()}
+        if streams and self._control_key and self._control_position is not None:
+            streams[self._control_key] = self._control_position
+        return streams
 
     # -- registering --
 
@@ -492,7 +511,14 @@ class Reader:
         items: list[Entry] = []
         plen = len(self._prefix)
         pairs = reply.items() if isinstance(reply, dict) else reply
+        control = self._control_key.encode() if self._control_key else None
         for stream, raw_entries in pairs:
+            if stream == control:
+                if raw_entries:
+                    self._control_position = raw_entries[-1][0].decode("ascii")
+                if self._on_control is not None:
+                    self._on_control(raw_entries)
+                continue
             channel = stream.decode("utf-8")[plen:]
             for raw_id, fields in raw_entries:
                 event_id = raw_id.decode("ascii")
