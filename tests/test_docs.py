@@ -55,6 +55,8 @@ def test_config_page_defaults_match_the_code() -> None:
         written = entries[key]
         if actual is None:
             assert written == "None", f"{key}: docs say {written}, code None"
+        elif isinstance(actual, bool):
+            assert written == str(actual), f"{key}: docs say {written}, code {actual}"
         elif isinstance(actual, (int, float)):
             assert float(written) == actual, f"{key}: docs say {written}, code {actual}"
         else:

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from flask_eventstream.backends.redis_presence import RedisPresence
+from flask_eventstream.backends.redis.presence import RedisPresence
 from flask_eventstream.presence import PresenceTable
 from tests.support.redis import RedisServer
 
