@@ -425,3 +425,13 @@ def test_werkzeug_and_gunicorn_access_loggers_redact_grants() -> None:
         record.args = (200,)
         assert all(f.filter(record) for f in logger.filters)
         assert record.getMessage() == '"GET /s/a?grant=[redacted] HTTP/1.1" 200'
+
+
+def test_presence_settings_are_checked() -> None:
+    with pytest.raises(TypeError, match="EVENTSTREAM_PRESENCE_EVENTS"):
+        private_app(EVENTSTREAM_PRESENCE_EVENTS="yes")
+    with pytest.raises(ValueError, match="EVENTSTREAM_PRESENCE_TIMEOUT"):
+        private_app(EVENTSTREAM_PRESENCE_TIMEOUT=0)
+    app, _ = private_app()
+    assert app.config["EVENTSTREAM_PRESENCE_EVENTS"] is False
+    assert app.config["EVENTSTREAM_PRESENCE_TIMEOUT"] == 30
