@@ -435,3 +435,30 @@ def test_presence_settings_are_checked() -> None:
     app, _ = private_app()
     assert app.config["EVENTSTREAM_PRESENCE_EVENTS"] is False
     assert app.config["EVENTSTREAM_PRESENCE_TIMEOUT"] == 30
+
+
+def test_metrics_hook_sees_the_reason_revoked() -> None:
+    from flask_eventstream._state import state_for
+    from flask_eventstream.observe import Observer
+
+    ended: list[str] = []
+
+    class Record(Observer):
+        def stream_ended(
+            self, connection_id: int, channels: tuple[str, ...], reason: str
+        ) -> None:
+            ended.append(reason)
+
+    app, ext = private_app()
+    state_for(app).broker.observer = Record()
+    alice = open_stream(app, "/u/lobby?user=alice")
+    bob = open_stream(app, "/u/lobby?user=bob")
+    next(iter(alice.response))  # started
+    next(iter(bob.response))
+    with app.app_context():
+        ext.revoke(user="alice")
+        ext.disconnect(user="bob")
+    for response in (alice, bob):
+        b"".join(response.response)
+        response.close()
+    assert ended == ["revoked", "revoked"]
