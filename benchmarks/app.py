@@ -10,6 +10,8 @@ Extra routes:
 ``GET /gen/<channel>``
     A generator view that subscribes, yields a ``subscribed`` event, then
     follows the channel. Its start and its ``finally:`` are counted.
+``GET /named/<channel>?user=NAME``
+    A subscription with a user named by the app, no grant (presence).
 ``GET /counters``
     ``{"gen_started", "gen_finally", "pid"}``: which worker answered, and
     how many ``/gen`` streams it started and finished.
@@ -64,6 +66,11 @@ def create_app(config: t.Mapping[str, t.Any] | None = None) -> Flask:
             yield from sub
         finally:
             _count("gen_finally")
+
+    @app.get("/named/<channel>")
+    @eventstream
+    def named(channel: str) -> t.Any:
+        return stream.subscribe(channel, user=request.args["user"])
 
     @app.get("/counters")
     def counters() -> t.Any:

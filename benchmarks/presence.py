@@ -2,8 +2,8 @@
 
     python -m benchmarks.presence [--streams 10000] [--workers 3] [--idle 60]
 
-Starts its own ``redis-server`` and ``gunicorn -k gevent -w WORKERS`` of the
-test app (the example app plus ``/named/<channel>?user=``) on free ports of
+Starts its own ``redis-server`` and ``gunicorn -k gevent -w WORKERS`` of
+:mod:`benchmarks.app` (the example app plus ``/named/<channel>?user=``) on free ports of
 127.0.0.1, opens STREAMS streams, each with a user of its own, over 100
 channels, waits until presence counts every one of them, then reads Redis'
 ``INFO commandstats`` before and after IDLE seconds in which nothing is
@@ -22,6 +22,7 @@ Every server is stopped by PID at the end.
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import sys
 import time
@@ -31,15 +32,14 @@ from pathlib import Path
 if not __package__:  # python benchmarks/presence.py
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.support.redis import RedisServer  # noqa: E402
-from tests.support.servers import open_clients  # noqa: E402
-from tests.support.servers import pump  # noqa: E402
-from tests.support.servers import raise_nofile  # noqa: E402
-from tests.support.servers import Server  # noqa: E402
-from tests.support.servers import SSEClient  # noqa: E402
-from tests.support.servers import wait_for  # noqa: E402
+from benchmarks.processes import AppServer  # noqa: E402
+from benchmarks.processes import raise_nofile  # noqa: E402
+from benchmarks.processes import RedisProcess  # noqa: E402
+from benchmarks.processes import wait_for  # noqa: E402
+from benchmarks.sseclient import open_clients  # noqa: E402
+from benchmarks.sseclient import pump  # noqa: E402
+from benchmarks.sseclient import SSEClient  # noqa: E402
 
-APP = "tests.apps.streams:create_app"
 CHANNELS = 100
 
 
@@ -58,10 +58,9 @@ def delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
 def measure(args: argparse.Namespace, users: bool) -> dict[str, t.Any]:
     """One run: fresh Redis and gunicorn; streams with a user each (presence
     counts them) or without (the same streams, no presence)."""
-    redis = RedisServer().start()
-    server = Server(
+    redis = RedisProcess().start()
+    server = AppServer(
         "gunicorn",
-        APP,
         env={
             "EVENTSTREAM_REDIS_URL": redis.url,
             "EVENTSTREAM_HEARTBEAT": "300",
@@ -134,11 +133,10 @@ def measure(args: argparse.Namespace, users: bool) -> dict[str, t.Any]:
 
 
 def measure_revoke(args: argparse.Namespace) -> dict[str, t.Any]:
-    redis = RedisServer().start()
+    redis = RedisProcess().start()
     admin_token = "bench-admin"
-    server = Server(
+    server = AppServer(
         "gunicorn",
-        APP,
         env={
             "EVENTSTREAM_REDIS_URL": redis.url,
             "EVENTSTREAM_HEARTBEAT": "300",
@@ -173,12 +171,17 @@ def measure_revoke(args: argparse.Namespace) -> dict[str, t.Any]:
                         if f.decode().endswith("\n" + user)
                     )
                 )
-                start = time.monotonic()
-                status, _ = server.request(
-                    "POST",
-                    f"/revoke/{user}",
-                    headers={"Authorization": f"Bearer {admin_token}"},
-                )
+                conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+                try:
+                    start = time.monotonic()
+                    conn.request(
+                        "POST",
+                        f"/revoke/{user}",
+                        headers={"Authorization": f"Bearer {admin_token}"},
+                    )
+                    status = conn.getresponse().status
+                finally:
+                    conn.close()
                 assert status == 204, status
                 pump(clients, lambda c=clients: all(x.ended or x.eof for x in c), 30)
                 times.append(time.monotonic() - start)
@@ -215,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
-    raise_nofile(65536)
+    raise_nofile()
     if args.revoke:
         result = measure_revoke(args)
         print(json.dumps(result, indent=2), flush=True)

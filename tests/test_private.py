@@ -438,8 +438,8 @@ def test_presence_settings_are_checked() -> None:
 
 
 def test_metrics_hook_sees_the_reason_revoked() -> None:
-    from flask_eventstream._state import state_for
     from flask_eventstream.observe import Observer
+    from flask_eventstream.testing import broker
 
     ended: list[str] = []
 
@@ -450,7 +450,7 @@ def test_metrics_hook_sees_the_reason_revoked() -> None:
             ended.append(reason)
 
     app, ext = private_app()
-    state_for(app).broker.observer = Record()
+    broker(app).observer = Record()
     alice = open_stream(app, "/u/lobby?user=alice")
     bob = open_stream(app, "/u/lobby?user=bob")
     next(iter(alice.response))  # started

@@ -14,8 +14,6 @@ Extra routes:
 ``GET /sleeper``
     A generator view that yields ``hello`` and then sleeps with
     ``stream.sleep()``; its ``finally:`` counts too.
-``GET /named/<channel>?user=NAME``
-    A subscription with a user named by the app (no grant): presence.
 ``GET /counters``
     ``{"gen_started", "gen_finally", "sleep_started", "sleep_finally", "pid"}``.
 ``POST /publish-bg/<channel>?via=greenlet|thread|threadpool&n=N``
@@ -84,11 +82,6 @@ def create_app(config: t.Mapping[str, t.Any] | None = None) -> Flask:
                 yield None
         finally:
             _count("sleep_finally")
-
-    @app.get("/named/<channel>")
-    @eventstream
-    def named(channel: str) -> t.Any:
-        return stream.subscribe(channel, user=request.args["user"])
 
     @app.get("/counters")
     def counters() -> t.Any:
