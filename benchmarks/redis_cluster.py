@@ -39,12 +39,22 @@ from pathlib import Path
 if not __package__:  # python benchmarks/redis_cluster.py
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.processes import RedisClusterProcess  # noqa: E402
+from benchmarks.processes import RedisProcess  # noqa: E402
 from benchmarks.redis_quick import measure_latency  # noqa: E402
-from tests.support.rcluster import RedisCluster  # noqa: E402
-from tests.support.redis import RedisServer  # noqa: E402
-from tests.support.redis import stream_key  # noqa: E402
 
 CHANNELS = [f"bench{i}" for i in range(30)]
+
+
+def stream_key(channel: str) -> str:
+    """The key (and shard channel) of a channel's stream."""
+    return f"eventstream:{{{channel}}}"
+
+
+def slot_of(key: str) -> int:
+    import redis.crc
+
+    return int(redis.crc.key_slot(key.encode()))
 
 
 class _Target:
@@ -69,13 +79,13 @@ def _publish_for(url: str, seconds: float, seed: int, out: t.Any) -> None:
     out.put((n, time.monotonic() - start))
 
 
-def _masters(setup: RedisServer | RedisCluster) -> list[RedisServer]:
-    if isinstance(setup, RedisCluster):
-        return list(setup.masters())
+def _masters(setup: RedisProcess | RedisClusterProcess) -> list[RedisProcess]:
+    if isinstance(setup, RedisClusterProcess):
+        return list(setup.nodes)
     return [setup]
 
 
-def _cpu(nodes: list[RedisServer]) -> float:
+def _cpu(nodes: list[RedisProcess]) -> float:
     total = 0.0
     for node in nodes:
         info = node.client().info("cpu")
@@ -83,7 +93,7 @@ def _cpu(nodes: list[RedisServer]) -> float:
     return total
 
 
-def _command(nodes: list[RedisServer], name: str) -> tuple[int, float]:
+def _command(nodes: list[RedisProcess], name: str) -> tuple[int, float]:
     """Calls and microseconds of one command on ``nodes`` (INFO
     commandstats; commands run by scripts count too)."""
     calls, usec = 0, 0.0
@@ -95,7 +105,7 @@ def _command(nodes: list[RedisServer], name: str) -> tuple[int, float]:
     return calls, usec
 
 
-def _readers(setup: RedisServer | RedisCluster, count: int) -> list[t.Any]:
+def _readers(setup: RedisProcess | RedisClusterProcess, count: int) -> list[t.Any]:
     """``count`` connections per master subscribed to every channel it
     serves, each drained by a thread (as workers' readers)."""
     import threading
@@ -108,8 +118,8 @@ def _readers(setup: RedisServer | RedisCluster, count: int) -> list[t.Any]:
             conn = redis.Connection(host="127.0.0.1", port=node.port, protocol=2)
             conn.connect()
             for channel in CHANNELS:
-                if isinstance(setup, RedisCluster):
-                    if setup.master_of(stream_key(channel)) is not node:
+                if isinstance(setup, RedisClusterProcess):
+                    if setup.master_of(slot_of(stream_key(channel))) is not node:
                         continue
                 conn.send_command("SSUBSCRIBE", stream_key(channel))
             conns.append(conn)
@@ -127,7 +137,7 @@ def _readers(setup: RedisServer | RedisCluster, count: int) -> list[t.Any]:
 
 
 def measure_publish(
-    setup: RedisServer | RedisCluster,
+    setup: RedisProcess | RedisClusterProcess,
     url: str,
     seconds: float,
     publishers: int,
@@ -170,15 +180,13 @@ def measure_publish(
 
 
 def run(args: argparse.Namespace) -> dict[str, t.Any]:
-    server_bin = shutil.which("redis-server")
-    cli_bin = shutil.which("redis-cli")
-    if not server_bin or not cli_bin:
+    if not shutil.which("redis-server") or not shutil.which("redis-cli"):
         raise SystemExit(
             "redis-server and redis-cli are needed (apt-get install redis)"
         )
     results: dict[str, t.Any] = {"cpus": os.cpu_count()}
-    single = RedisServer(server_bin).start()
-    cluster = RedisCluster(server_bin, cli_bin, size=3).start(replicas=0)
+    single = RedisProcess().start()
+    cluster = RedisClusterProcess(3).start()
     try:
         for name, setup, url in (
             ("one_server", single, single.url),
@@ -189,7 +197,7 @@ def run(args: argparse.Namespace) -> dict[str, t.Any]:
                 measure_publish(setup, url, args.seconds, args.publishers, readers)
                 for readers in (0, args.readers, args.readers * 4)
             ]
-            target = t.cast(RedisServer, _Target(url))
+            target = t.cast(RedisProcess, _Target(url))
             row["latency"] = measure_latency(target, args.events, 0.002)
             results[name] = row
             print(name, json.dumps(row, indent=1), flush=True)

@@ -32,6 +32,9 @@ class Settings:
     """The ``EVENTSTREAM_*`` configuration of one application, read once."""
 
     redis_url: str | None = None
+    redis_options: t.Mapping[str, t.Any] = dataclasses.field(default_factory=dict)
+    redis_prefix: str = "eventstream:"
+    redis_min_replicas: int = 0
     heartbeat: float = 15.0
     retry: int = 3000
     history: int = 1000
@@ -40,10 +43,14 @@ class Settings:
     max_event_size: int = 1048576
     send_timeout: float = 30.0
     max_lifetime: float | None = None
-    redis_min_replicas: int = 0
+    presence_events: bool = False
+    presence_timeout: float = 30.0
 
     KEYS: t.ClassVar[dict[str, str]] = {
         "redis_url": "EVENTSTREAM_REDIS_URL",
+        "redis_options": "EVENTSTREAM_REDIS_OPTIONS",
+        "redis_prefix": "EVENTSTREAM_REDIS_PREFIX",
+        "redis_min_replicas": "EVENTSTREAM_REDIS_MIN_REPLICAS",
         "heartbeat": "EVENTSTREAM_HEARTBEAT",
         "retry": "EVENTSTREAM_RETRY",
         "history": "EVENTSTREAM_HISTORY",
@@ -52,22 +59,42 @@ class Settings:
         "max_event_size": "EVENTSTREAM_MAX_EVENT_SIZE",
         "send_timeout": "EVENTSTREAM_SEND_TIMEOUT",
         "max_lifetime": "EVENTSTREAM_MAX_LIFETIME",
-        "redis_min_replicas": "EVENTSTREAM_REDIS_MIN_REPLICAS",
+        "presence_events": "EVENTSTREAM_PRESENCE_EVENTS",
+        "presence_timeout": "EVENTSTREAM_PRESENCE_TIMEOUT",
     }
 
     def __post_init__(self) -> None:
-        for name in ("heartbeat", "send_timeout"):
+        for name in ("heartbeat", "send_timeout", "presence_timeout"):
             _positive(name, getattr(self, name))
+        if not isinstance(self.presence_events, bool):
+            raise TypeError(
+                "EVENTSTREAM_PRESENCE_EVENTS must be True or False,"
+                f" not {self.presence_events!r}"
+            )
         for name in ("history", "queue_size", "max_event_size"):
             _positive(name, getattr(self, name), integer=True, zero=name == "history")
         _positive("retry", self.retry, integer=True, zero=True)
-        _positive(
-            "redis_min_replicas", self.redis_min_replicas, integer=True, zero=True
-        )
         if self.max_connections is not None:
             _positive("max_connections", self.max_connections, integer=True)
         if self.max_lifetime is not None:
             _positive("max_lifetime", self.max_lifetime)
+        _positive(
+            "redis_min_replicas", self.redis_min_replicas, integer=True, zero=True
+        )
+        if not isinstance(self.redis_options, t.Mapping):
+            raise TypeError(
+                "EVENTSTREAM_REDIS_OPTIONS must be a dict of redis-py connection"
+                f" options, not {self.redis_options!r}"
+            )
+        prefix = self.redis_prefix
+        if not isinstance(prefix, str):
+            raise TypeError(
+                f"EVENTSTREAM_REDIS_PREFIX must be a string, not {prefix!r}"
+            )
+        if not 0 < len(prefix) <= 128:
+            raise ValueError(
+                f"EVENTSTREAM_REDIS_PREFIX must be 1 to 128 characters, not {prefix!r}"
+            )
 
     @classmethod
     def from_config(cls, config: t.Mapping[str, t.Any]) -> Settings:
@@ -112,7 +139,10 @@ def _make_backend(settings: Settings) -> t.Callable[[Sink], Backend]:
             url,
             history=settings.history,
             max_event_size=size,
+            prefix=settings.redis_prefix,
+            options=settings.redis_options,
             min_replicas=settings.redis_min_replicas,
+            presence_timeout=settings.presence_timeout,
         )
 
     from .backends.memory import MemoryBackend
@@ -159,7 +189,30 @@ class AppState:
             _make_backend(settings),
             queue_size=settings.queue_size,
             on_delivered=on_delivered,
+            on_presence=self._presence_changed,
         )
+
+    def _presence_changed(self, channel: str, user: str, joined: bool) -> None:
+        if not self.settings.presence_events:
+            return
+        name = "eventstream-join" if joined else "eventstream-leave"
+        try:
+            self.broker.publish(channel, Event(data={"user": user}, event=name))
+        except Exception as e:
+            log.warning("Could not publish %s of a user on %r: %s", name, channel, e)
+
+    def grant_keys(self) -> list[str | bytes]:
+        """The keys grants are verified with, the signing key last."""
+        config = self.app.config if self.app is not None else {}
+        key = config.get("SECRET_KEY")
+        if not key:
+            raise RuntimeError(
+                "Grants are signed with the app's SECRET_KEY, which is not set:"
+                " set app.config['SECRET_KEY'] (the same on every worker and"
+                " host) to use stream.grant() and subscribe(grant=...)."
+            )
+        fallbacks = config.get("SECRET_KEY_FALLBACKS") or []
+        return [*fallbacks, key]
 
     def _send_published(self, channel: str, event: Event) -> None:
         if signals.event_published.receivers:

@@ -101,6 +101,7 @@ class Connection:
         "started",
         "task",
         "timing",
+        "user",
         "_stop_watch",
         "_cancel_kill",
     )
@@ -124,6 +125,8 @@ class Connection:
             settings.send_timeout,
             settings.max_lifetime,
         )
+        #: Whose stream this is, once a subscription with a user was made.
+        self.user: str | None = None
         self._stop_watch: t.Callable[[], None] | None = None
         self._cancel_kill: t.Callable[[], None] | None = None
         state.live.add(self)
@@ -141,6 +144,16 @@ class Connection:
         self.waker.set()
         if kill and self.task is not None and self._cancel_kill is None:
             self._cancel_kill = _gevent.call_later(_KILL_GRACE, self._kill)
+
+    def adopt(self, sub: Subscription, user: str | None) -> None:
+        """Make ``sub`` (subscribed in this stream) end the stream when it is
+        revoked or disconnected."""
+        sub.ender = self._end_revoked
+        if user is not None:
+            self.user = user
+
+    def _end_revoked(self, reason: str) -> None:
+        self.end(reason, kill=True)
 
     def _kill(self) -> None:
         if not self.released:
@@ -196,6 +209,7 @@ class Connection:
             connection_id=self.id,
             remote_addr=self.remote_addr,
             reason=self.reason,
+            user=self.user,
         )
 
     # -- waiting --
@@ -343,6 +357,7 @@ class Connection:
                 channels=self._channels(),
                 connection_id=self.id,
                 remote_addr=self.remote_addr,
+                user=self.user,
             )
             data = self.state.retry_bytes
             if first is not END:

@@ -9,6 +9,8 @@ command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
 # redis-cli joins the nodes of the test cluster (redis-server depends on it
 # on Debian; listed for systems where it does not).
 command -v redis-cli >/dev/null 2>&1 || need_apt+=(redis-tools)
+# TLS tests make a CA and certificates with openssl.
+command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
 [ -x /usr/bin/chromium ] || need_apt+=(chromium)
 if [ ${#need_apt[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then

@@ -20,6 +20,8 @@ pytest_plugins = [
     "tests.support.servers",
     "tests.support.redis",
     "tests.support.rcluster",
+    "tests.support.sentinel",
+    "tests.support.tls",
     "tests.support.browser",
 ]
 

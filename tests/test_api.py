@@ -88,9 +88,11 @@ def test_testing_module_exposes_the_documented_helpers() -> None:
     assert set(testing.__all__) == {
         "EventParser",
         "ReceivedEvent",
+        "broker",
         "connection",
         "parse",
         "read_events",
+        "settings",
     }
 
 

@@ -4,17 +4,12 @@ the commands other than a reader's."""
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 import logging
 import os
 import threading
 import time
 import typing as t
-import urllib.parse
 
-import redis
-import redis.cluster
 from redis.backoff import NoBackoff
 from redis.exceptions import AskError
 from redis.exceptions import ClusterError
@@ -31,8 +26,13 @@ from ...exceptions import PublishError
 from ..positions import Entry
 from ..positions import Position
 from ..positions import Snapshot
+from .connect import Connector
+from .connect import tls_failure
 from .scripts import PUBLISH
 from .scripts import SNAPSHOT
+from .url import Cluster
+from .url import redact
+from .url import Sentinel
 
 __all__ = [
     "LOST",
@@ -40,8 +40,6 @@ __all__ = [
     "SIZE_LINE",
     "Client",
     "Shards",
-    "Target",
-    "parse_url",
     "position_of",
 ]
 
@@ -59,6 +57,11 @@ COMMAND_TIMEOUT = 2.0
 POOL_TIMEOUT = 1.0
 #: A reader's socket timeout (seconds): it PINGs when idle for less.
 READER_TIMEOUT = 11.0
+#: With min_replicas, for this long once an attempt may have reached Redis
+#: (its reply was lost, or too few replicas acknowledged it): the retries
+#: find out, through the event's token, whether it was added, across a
+#: failover.
+PUBLISH_UNSURE_TIME = 10.0
 #: With min_replicas, the longest WAIT (milliseconds) for the replicas.
 WAIT_MS = 1000
 #: MOVED or ASK redirections followed by one publish.
@@ -85,103 +88,38 @@ class TooFewReplicas(RedisError):
     """WAIT returned before enough replicas acknowledged."""
 
 
-@dataclasses.dataclass
-class Target:
-    """A parsed URL: one server, or the seed nodes of a cluster."""
-
-    cluster: bool
-    url: str
-    nodes: list[tuple[str, int]]
-    options: dict[str, t.Any]
-    where: str
-
-
-def _parse_url(url: str) -> Target:
-    parts = urllib.parse.urlsplit(url)
-    scheme = parts.scheme.lower()
-    if scheme not in ("redis+cluster", "rediss+cluster"):
-        host = parts.hostname or parts.path or "localhost"
-        port = f":{parts.port}" if parts.port else ""
-        path = parts.path if parts.hostname else ""
-        return Target(False, url, [], {}, f"{scheme}://{host}{port}{path}")
-    nodes: list[tuple[str, int]] = []
-    netloc = parts.netloc.rpartition("@")[2]
-    for item in netloc.split(","):
-        host, sep, port = item.rpartition(":")
-        if not sep or not host or not port.isdigit():
-            raise ValueError(
-                f"EVENTSTREAM_REDIS_URL: {scheme}:// needs host:port pairs"
-                f" separated by commas, not {item!r}"
-            )
-        nodes.append((host.strip("[]"), int(port)))
-    options: dict[str, t.Any] = {}
-    if parts.username:
-        options["username"] = urllib.parse.unquote(parts.username)
-    if parts.password:
-        options["password"] = urllib.parse.unquote(parts.password)
-    if scheme == "rediss+cluster":
-        options["ssl"] = True
-    where = f"{scheme}://" + ",".join(f"{h}:{p}" for h, p in nodes)
-    return Target(True, url, nodes, options, where)
-
-
-def parse_url(url: str) -> Target:
-    parts = urllib.parse.urlsplit(url)
-    scheme = parts.scheme.lower()
-    if scheme not in ("redis+cluster", "rediss+cluster"):
-        host = parts.hostname or parts.path or "localhost"
-        port = f":{parts.port}" if parts.port else ""
-        path = parts.path if parts.hostname else ""
-        return Target(False, url, [], {}, f"{scheme}://{host}{port}{path}")
-    nodes: list[tuple[str, int]] = []
-    netloc = parts.netloc.rpartition("@")[2]
-    for item in netloc.split(","):
-        host, sep, port = item.rpartition(":")
-        if not sep or not host or not port.isdigit():
-            raise ValueError(
-                f"EVENTSTREAM_REDIS_URL: {scheme}:// needs host:port pairs"
-                f" separated by commas, not {item!r}"
-            )
-        nodes.append((host.strip("[]"), int(port)))
-    options: dict[str, t.Any] = {}
-    if parts.username:
-        options["username"] = urllib.parse.unquote(parts.username)
-    if parts.password:
-        options["password"] = urllib.parse.unquote(parts.password)
-    if scheme == "rediss+cluster":
-        options["ssl"] = True
-    where = f"{scheme}://" + ",".join(f"{h}:{p}" for h, p in nodes)
-    return Target(True, url, nodes, options, where)
+def where(connector: Connector) -> str:
+    """Where Redis is, without credentials, for messages."""
+    target = connector.target
+    if isinstance(target, Sentinel):
+        hosts = ",".join(f"{h}:{p}" for h, p in target.sentinels)
+        return f"the master {target.service!r} of the Sentinels at {hosts}"
+    if isinstance(target, Cluster):
+        scheme = "rediss+cluster" if target.tls else "redis+cluster"
+        return f"{scheme}://" + ",".join(f"{h}:{p}" for h, p in target.nodes)
+    return redact(target.url).split("?")[0]
 
 
 class Shards:
     """The publishing client of one OS thread, and where each key lives."""
 
-    def __init__(self, target: Target, options: dict[str, t.Any]) -> None:
-        self.target = target
+    def __init__(self, connector: Connector, options: dict[str, t.Any]) -> None:
+        self.connector = connector
+        self.cluster = isinstance(connector.target, Cluster)
         self.client: t.Any
-        if target.cluster:
-            cluster: t.Any = redis.cluster
-            self.client = cluster.RedisCluster(
-                startup_nodes=[cluster.ClusterNode(h, p) for h, p in target.nodes],
-                connection_pool_class=functools.partial(
-                    redis.BlockingConnectionPool, timeout=POOL_TIMEOUT
-                ),
-                max_connections=2,
-                # Redirections are followed; failures are ours to retry.
-                retry=Retry(NoBackoff(), 0),
-                **target.options,
-                **options,
+        if self.cluster:
+            # Redirections are followed; failures are ours to retry.
+            self.client = connector.cluster_client(
+                "pub", max_connections=2, pool_timeout=POOL_TIMEOUT, **options
             )
         else:
-            pool = redis.BlockingConnectionPool.from_url(
-                target.url, max_connections=2, timeout=POOL_TIMEOUT, **options
+            self.client = connector.client(
+                "pub", max_connections=2, pool_timeout=POOL_TIMEOUT, **options
             )
-            self.client = redis.Redis(connection_pool=pool)
 
     def node_of(self, key: str) -> str:
         """The name (``host:port``) of the master that serves ``key``."""
-        if not self.target.cluster:
+        if not self.cluster:
             return "main"
         client = self.client
         node = client.nodes_manager.get_node_from_slot(client.keyslot(key))
@@ -189,34 +127,37 @@ class Shards:
 
     def refresh(self) -> None:
         """Ask the cluster again which master serves which slots."""
-        if self.target.cluster:
+        if self.cluster:
             self.client.nodes_manager.initialize()
 
     def connection(self, node: str, name: str) -> t.Any:
         """A new connection to ``node``, for a reader."""
-        if self.target.cluster:
-            found = self.client.get_node(node_name=node)
-            if found is None:
-                raise RedisConnectionError(f"{node} is no longer in the cluster")
-            pool = self.client.get_redis_connection(found).connection_pool
-        else:
-            pool = self.client.connection_pool
+        overrides: dict[str, t.Any] = {
+            "protocol": 2,
+            "client_name": name,
+            "socket_timeout": READER_TIMEOUT,
+            "retry": Retry(NoBackoff(), 0),
+        }
+        if not self.cluster:
+            # Through the connector: a Sentinel's master is found as the
+            # connection connects.
+            reader = self.connector.client("reader", max_connections=1, **overrides)
+            return reader.connection_pool.make_connection()
+        found = self.client.get_node(node_name=node)
+        if found is None:
+            raise RedisConnectionError(f"{node} is no longer in the cluster")
+        pool = self.client.get_redis_connection(found).connection_pool
         kwargs = dict(pool.connection_kwargs)
         # A plain RESP2 connection: pushes other than ours are not wanted.
         for option in list(kwargs):
             if option == "redis_connect_func" or "maint_notifications" in option:
                 del kwargs[option]
-        kwargs.update(
-            protocol=2,
-            client_name=name,
-            socket_timeout=READER_TIMEOUT,
-            retry=Retry(NoBackoff(), 0),
-        )
+        kwargs.update(overrides)
         conn: t.Any = pool.connection_class(**kwargs)
         return conn
 
     def disconnect(self) -> None:
-        if self.target.cluster:
+        if self.cluster:
             self.client.close()
         else:
             self.client.connection_pool.disconnect()
@@ -228,15 +169,21 @@ class Client:
     such as one of gevent's thread pool, has its own), the scripts, and the
     commands of publishing and bookkeeping.
 
-    :param target: where Redis is.
+    :param url: ``EVENTSTREAM_REDIS_URL``.
+    :param options: ``EVENTSTREAM_REDIS_OPTIONS``.
     :param min_replicas: replicas that must hold an event before it is
         acknowledged and announced.
     """
 
-    def __init__(self, target: Target, min_replicas: int = 0) -> None:
-        self.target = target
-        self.cluster = target.cluster
-        self.where = target.where
+    def __init__(
+        self,
+        url: str,
+        options: t.Mapping[str, t.Any] | None = None,
+        min_replicas: int = 0,
+    ) -> None:
+        self.connector = Connector(url, options)
+        self.cluster = isinstance(self.connector.target, Cluster)
+        self.where = where(self.connector)
         self._min_replicas = min_replicas
         self.reset()
 
@@ -267,7 +214,7 @@ class Client:
         shards = self._shards.get(thread)
         if shards is None:
             shards = Shards(
-                self.target, self.options("pub", socket_timeout=COMMAND_TIMEOUT)
+                self.connector, self.options("pub", socket_timeout=COMMAND_TIMEOUT)
             )
             if self._publish_script is None:
                 self._publish_script = shards.client.register_script(PUBLISH)
@@ -278,12 +225,19 @@ class Client:
     def publish(self, channel: str, key: str, args: list[str]) -> Position:
         """Run the publish script on ``key``, retrying for about a second
         (with ``args[2]``, the retry flag, set: a retry never adds the event
-        twice); raise :class:`PublishError` past that."""
+        twice); raise :class:`PublishError` past that.
+
+        With ``min_replicas``, once an attempt may have added the event
+        (its reply was lost, or too few replicas acknowledged it), the
+        retries go on for :data:`PUBLISH_UNSURE_TIME` to find out, through
+        the event's token, across a failover."""
         shards = self.shards()
-        deadline = time.monotonic() + PUBLISH_RETRY_TIME
+        start = time.monotonic()
+        deadline = start + PUBLISH_RETRY_TIME
         # At once first: a pooled connection that Redis closed fails once.
         delay = 0.0
         while True:
+            error: BaseException
             try:
                 if self._min_replicas:
                     raw = self._publish_replicated(shards, key, args)
@@ -292,44 +246,52 @@ class Client:
                         keys=[key], args=args, client=shards.client
                     )
                 break
+            except TooFewReplicas as e:
+                # The event is in Redis, but not announced: a retry finds it,
+                # and announces it once the replicas have it.
+                error, problem = e, str(e)
+                args[2] = "1"
+                deadline = max(deadline, start + PUBLISH_UNSURE_TIME)
             except (
                 RedisConnectionError,
                 RedisTimeoutError,
                 RedisClusterException,
                 OSError,
             ) as e:
+                if tls_failure(e):
+                    raise PublishError(
+                        f"Could not publish to channel {channel!r}: the TLS"
+                        f" handshake with Redis at {self.where} failed ({e})."
+                        " Check the URL's scheme and ssl_ca_certs in"
+                        " EVENTSTREAM_REDIS_OPTIONS."
+                    ) from e
                 # The script may have run (a reply lost in a restart): the
                 # retry finds the entry by its token instead of adding another.
+                error, problem = e, f"is unreachable ({e})"
                 args[2] = "1"
-                if time.monotonic() + delay > deadline:
-                    raise PublishError(
-                        f"Could not publish to channel {channel!r}: Redis at"
-                        f" {self.where} is unreachable ({e})."
-                    ) from e
-                if delay:
-                    _gevent.sleep(delay)
-                delay = min(delay * 2, 0.4) if delay else 0.05
-            except TooFewReplicas as e:
-                # The event is in Redis, but not yet announced: a retry finds
-                # it, and announces it once the replicas have it.
-                args[2] = "1"
-                if time.monotonic() + delay > deadline:
-                    raise PublishError(
-                        f"Could not publish to channel {channel!r}: Redis at"
-                        f" {self.where} {e}."
-                    ) from e
-                _gevent.sleep(delay or 0.05)
-                delay = min(delay * 2, 0.4) if delay else 0.05
+                if self._min_replicas:
+                    deadline = max(deadline, start + PUBLISH_UNSURE_TIME)
             except RedisError as e:
-                if retryable(e) and time.monotonic() + delay <= deadline:
+                if str(e).startswith("NOREPLICAS"):
+                    # Nothing was written: a master without its replicas yet.
+                    error, problem = e, f"has too few replicas ({e})"
+                elif retryable(e):
+                    # A cluster in motion (a failover, a slot that moves).
+                    error, problem = e, f"is unavailable ({e})"
                     args[2] = "1"
-                    _gevent.sleep(delay or 0.05)
-                    delay = min(delay * 2, 0.4) if delay else 0.05
-                    continue
+                else:
+                    raise PublishError(
+                        f"Could not publish to channel {channel!r}: Redis at"
+                        f" {self.where} refused it ({e})."
+                    ) from e
+            if time.monotonic() + delay > deadline:
                 raise PublishError(
                     f"Could not publish to channel {channel!r}: Redis at"
-                    f" {self.where} refused it ({e})."
-                ) from e
+                    f" {self.where} {problem}."
+                ) from error
+            if delay:
+                _gevent.sleep(delay)
+            delay = min(delay * 2, 0.4) if delay else 0.05
         return position_of(raw)
 
     def _publish_replicated(self, shards: Shards, key: str, args: list[str]) -> t.Any:
@@ -372,8 +334,8 @@ class Client:
                 acked = int(conn.read_response())
                 if acked < need:
                     raise TooFewReplicas(
-                        f"has only {acked} of the {need} replicas that must"
-                        f" hold an event acknowledging it within {WAIT_MS} ms"
+                        f"has only {acked} of {need} replicas acknowledging"
+                        f" within {WAIT_MS} ms"
                     )
                 conn.send_command("SPUBLISH", key, message)
                 conn.read_response()
@@ -460,6 +422,11 @@ class Client:
                 Entry(position_of(raw_id).offset, int(fields.get("w", 0)), fields)
             )
         return Snapshot(top, first, found)
+
+    def publisher(self) -> t.Any:
+        """The publishing client of this thread (presence and control
+        messages use it too)."""
+        return self.shards().client
 
     def close(self) -> None:
         if self._pid != os.getpid():

@@ -55,6 +55,9 @@ READER_PING = 5.0
 BACKOFF = (0.05, 1.0)
 #: Readers and the manager of a process without subscriptions stop after this.
 IDLE = 30.0
+#: While a process has streams, it reads control messages (revoke,
+#: disconnect) this often (seconds).
+CONTROL_POLL = 0.5
 #: Messages buffered per channel while it is brought live.
 BUFFER_LIMIT = 10000
 #: Channels whose newest position a process remembers after it stopped
@@ -232,11 +235,19 @@ class Reader:
         prefix: str,
         history: int,
         kept: dict[str, bytes],
+        control_key: str | None = None,
+        on_control: t.Callable[[t.Any], None] | None = None,
     ) -> None:
         self._client = client
         self._sink = sink
         #: Events encoded by this process when it published them, by token.
         self._kept = kept
+        #: The stream of control messages (revoke, disconnect), read while
+        #: there are streams, and what to do with its entries.
+        self._control_key = control_key
+        self._on_control = on_control
+        #: The id after which control messages are read; set at first read.
+        self._control_position: str | None = None
         self._prefix = prefix
         self._history = history
         self._lock = threading.Lock()
@@ -378,6 +389,10 @@ class Reader:
                     continue
                 with self._lock:
                     empty = not self._channels and not self._pending
+                if not empty and self._control_key is not None:
+                    idle_since = None
+                    wakeup.wait(CONTROL_POLL)
+                    continue
                 if empty:
                     now = time.monotonic()
                     if idle_since is None:
@@ -415,7 +430,39 @@ class Reader:
         waiting = self._route(shards)
         waiting |= self._bring_live(shards)
         waiting |= self._register(shards)
+        self._read_control(shards)
         return waiting
+
+    def _read_control(self, shards: Shards) -> None:
+        """Apply the control messages sent since the last look, while this
+        process has streams (the manager looks every :data:`CONTROL_POLL`
+        seconds then)."""
+        key = self._control_key
+        if key is None:
+            return
+        with self._lock:
+            active = bool(self._channels or self._pending)
+        if not active:
+            self._control_position = None
+            return
+        client = shards.client
+        if self._control_position is None:
+            # Control messages from now on: a stream opened before this
+            # checked revocations in Redis itself.
+            top: t.Any = client.xrevrange(key, count=1)
+            self._control_position = top[0][0].decode("ascii") if top else "0-0"
+            return
+        reply: t.Any = client.xread({key: self._control_position}, count=100)
+        pairs = reply.items() if isinstance(reply, dict) else reply or ()
+        for _, entries in pairs:
+            if not entries:
+                continue
+            self._control_position = entries[-1][0].decode("ascii")
+            if self._on_control is not None:
+                try:
+                    self._on_control(entries)
+                except Exception:
+                    log.exception("Applying control messages failed.")
 
     def _reroute(self, shards: Shards) -> None:
         """Route again the channels whose slot another master serves now."""

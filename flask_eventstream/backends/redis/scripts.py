@@ -6,7 +6,9 @@ from __future__ import annotations
 __all__ = ["PUBLISH", "SNAPSHOT"]
 
 # Publish one event. KEYS: the stream (also the shard channel). ARGV: maxlen,
-# token, retry flag, announce flag, then field/value pairs. The entry id is
+# token, retry flag, announce flag, replicas needed online (0: no check),
+# then field/value pairs. With fewer replicas online than needed (a master
+# just promoted), nothing is written. The entry id is
 # <epoch>-<offset>: the epoch of the newest entry, or the server's time for a
 # new history. On a retry, an entry carrying the same token among the
 # retained ones means the first attempt went through: nothing is added, and
@@ -35,6 +37,17 @@ local function done(id, f)
   end
   return {id, msg}
 end
+local need = tonumber(ARGV[5])
+if need > 0 then
+  local online = 0
+  for _ in string.gmatch(redis.call('INFO', 'replication'), 'state=online') do
+    online = online + 1
+  end
+  if online < need then
+    return redis.error_reply(string.format(
+      'NOREPLICAS %d of %d replicas online', online, need))
+  end
+end
 local top = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)[1]
 if ARGV[3] == '1' and top then
   local recent = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', ARGV[1])
@@ -55,7 +68,7 @@ else
   id = string.format('%.0f', ms) .. '-1'
 end
 local fields = {'t', ARGV[2], 'w', now}
-for i = 5, #ARGV do fields[#fields + 1] = ARGV[i] end
+for i = 6, #ARGV do fields[#fields + 1] = ARGV[i] end
 id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], id, unpack(fields))
 return done(id, fields)
 """
