@@ -166,7 +166,7 @@ def measure_revoke(args: argparse.Namespace) -> dict[str, t.Any]:
                 spreads.append(
                     sorted(
                         int(v)
-                        for key in redis.client().scan_iter("eventstream:~w:*")
+                        for key in redis.client().scan_iter("eventstream:{~}~w:*")
                         for f, v in redis.client().hgetall(key).items()
                         if f.decode().endswith("\n" + user)
                     )

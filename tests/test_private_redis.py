@@ -115,7 +115,7 @@ def worker_counts(redis: RedisServer) -> dict[int, dict[str, int]]:
     """{worker pid: {"<channel> <user>": streams}} as the workers told Redis."""
     admin = redis.client()
     out: dict[int, dict[str, int]] = {}
-    for key in admin.scan_iter("eventstream:~w:*"):
+    for key in admin.scan_iter("eventstream:{~}~w:*"):
         pid = int(key.decode().split(":")[-2])
         fields = admin.hgetall(key)
         out[pid] = {k.decode().replace("\n", " "): int(v) for k, v in fields.items()}

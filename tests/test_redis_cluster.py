@@ -7,6 +7,7 @@ event lost or sent twice through a failover or a slot that moves."""
 from __future__ import annotations
 
 import json
+import time
 import typing as t
 
 import pytest
@@ -70,6 +71,11 @@ def app_on(cluster: RedisCluster, **config: t.Any) -> Flask:
     @eventstream
     def multi() -> t.Any:
         return stream.subscribe(*request.args.getlist("ch"))
+
+    @app.get("/user/<channel>/<user>")
+    @eventstream
+    def as_user(channel: str, user: str) -> t.Any:
+        return stream.subscribe(channel, user=user)
 
     @app.post("/pub/<channel>")
     def pub(channel: str) -> t.Any:
@@ -234,6 +240,29 @@ def test_old_id_gets_a_reset_on_the_cluster(cluster: RedisCluster):
         assert (event.data, event.id) == ("live", live)
     finally:
         close_app(app)
+
+
+def test_presence_and_disconnect_on_the_cluster(cluster: RedisCluster):
+    # Their keys share one hash tag, so their scripts run in one slot.
+    first, second = app_on(cluster), app_on(cluster)
+    try:
+        stream = first.test_client().get("/user/room/alice", buffered=False)
+        other = second.test_client().get("/user/room/bob", buffered=False)
+        wait_registered(first, "room")
+        wait_registered(second, "room")
+        ext = first.extensions["eventstream"]
+        with first.app_context():
+            wait_for(lambda: ext.presence("room") == {"alice": 1, "bob": 1}, 10)
+            ext.disconnect(channel="room")
+        # Both streams end, on both workers (the other within a second).
+        for response in (stream, other):
+            started = time.monotonic()
+            for _ in response.response:
+                assert time.monotonic() - started < 5
+            response.close()
+    finally:
+        close_app(first)
+        close_app(second)
 
 
 # -- workers --

@@ -147,7 +147,9 @@ class RedisBackend:
         # Presence and control messages.
         self._origin = secrets.token_hex(8)
         self._table = PresenceTable()
-        self._store = RedisPresence(self._prefix, self._presence_timeout)
+        # One hash tag for presence, revocations and control messages: their
+        # scripts stay in one slot of a cluster.
+        self._store = RedisPresence(self._prefix + "{~}", self._presence_timeout)
         self._presence_lock = threading.Lock()
         self._presence_task: t.Any = None
         self._presence_wakeup: t.Any = None
