@@ -238,9 +238,12 @@ class Client:
         delay = 0.0
         while True:
             error: BaseException
+            #: Whether this attempt reached Redis (an error after that may
+            #: come after the script ran).
+            sent = [False]
             try:
                 if self._min_replicas:
-                    raw = self._publish_replicated(shards, key, args)
+                    raw = self._publish_replicated(shards, key, args, sent)
                 else:
                     raw = self._publish_script(
                         keys=[key], args=args, client=shards.client
@@ -269,7 +272,7 @@ class Client:
                 # retry finds the entry by its token instead of adding another.
                 error, problem = e, f"is unreachable ({e})"
                 args[2] = "1"
-                if self._min_replicas:
+                if sent[0]:
                     deadline = max(deadline, start + PUBLISH_UNSURE_TIME)
             except RedisError as e:
                 if str(e).startswith("NOREPLICAS"):
@@ -294,7 +297,9 @@ class Client:
             delay = min(delay * 2, 0.4) if delay else 0.05
         return position_of(raw)
 
-    def _publish_replicated(self, shards: Shards, key: str, args: list[str]) -> t.Any:
+    def _publish_replicated(
+        self, shards: Shards, key: str, args: list[str], sent: list[bool]
+    ) -> t.Any:
         """Run the publish script, ``WAIT`` until ``min_replicas`` replicas
         hold the entry, then announce it; all on one connection to the
         master of ``key`` (following MOVED and ASK redirections)."""
@@ -318,6 +323,10 @@ class Client:
                 self._lost_node(shards)
                 raise
             try:
+                # Connected first: an error from here on may come after the
+                # script ran.
+                conn.connect()
+                sent[0] = True
                 if asking:
                     conn.send_command("ASKING")
                     conn.read_response()
