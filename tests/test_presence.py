@@ -151,9 +151,7 @@ def test_dead_worker_is_swept_after_its_timeout(store_client: redis.Redis) -> No
     # ... after it, whoever looks first takes its counts away.
     assert b.sweep(store_client) == [("lobby", "alice", False)]
     assert b.users(store_client, "lobby") == {"bob": 1}
-    assert store_client.zrange("eventstream:~workers", 0, -1) == [
-        b.worker_id.encode()
-    ]
+    assert store_client.zrange("eventstream:~workers", 0, -1) == [b.worker_id.encode()]
     assert not store_client.exists("eventstream:~w:" + a.worker_id)
     # A comes back (it had only stalled): it registers again, in full.
     old = a.worker_id
