@@ -26,6 +26,7 @@ from flask_eventstream import EventStream
 from flask_eventstream import eventstream
 from flask_eventstream import PublishError
 
+from . import ops
 from . import people
 
 __all__ = ["create_app", "stream"]
@@ -56,6 +57,7 @@ _ENV_KEYS: dict[str, t.Callable[[str], t.Any]] = {
     "EVENTSTREAM_MAX_EVENT_SIZE": int,
     "EVENTSTREAM_SEND_TIMEOUT": float,
     "EVENTSTREAM_MAX_LIFETIME": float,
+    "EVENTSTREAM_METRICS": boolean,
     "EXAMPLE_PRIVATE_TOKEN": str,
     "EXAMPLE_CLOCK_INTERVAL": float,
     # Grants and presence (example_app.people).
@@ -75,7 +77,7 @@ def _config_from_env() -> dict[str, t.Any]:
         try:
             config[key] = kind(value)
         except ValueError:
-            what = "JSON" if kind is json.loads else f"a {kind.__name__}"
+            what = "JSON" if kind is json.loads else f"a {kind.__name__.lstrip('_')}"
             raise ValueError(
                 f"Environment variable {key}={value!r} is not {what}"
             ) from None
@@ -173,5 +175,7 @@ def create_app(config: t.Mapping[str, t.Any] | None = None) -> Flask:
     @app.get("/healthz")
     def healthz() -> t.Any:
         return jsonify(stream.stats())
+
+    ops.register(app, stream)
 
     return app
