@@ -60,6 +60,8 @@ DISCONNECT_REASONS = (
     "revoked",
     "error",
 )
+#: A greenlet killed from outside (the server stopping) counts as shutdown.
+_REASONS = {"killed": "shutdown"}
 #: Values of the ``result`` label of resumes.
 RESUME_RESULTS = ("replayed", "reset")
 
@@ -151,6 +153,7 @@ class Metrics:
     def ended(self, reason: str) -> None:
         """A stream that had started was released."""
         self.connections.dec()
+        reason = _REASONS.get(reason, reason)
         counter = self._disconnects.get(reason)
         if counter is None:
             counter = self._disconnects["error"]
