@@ -96,6 +96,7 @@ class Metrics:
         "_disconnects",
         "_resumes",
         "delivered",
+        "pending",
     )
 
     def __init__(self, registry: t.Any = None) -> None:
@@ -144,6 +145,12 @@ class Metrics:
         }
         #: ``delivered(n)``: ``n`` events were written to a client.
         self.delivered: t.Callable[[int], None] = self.deliveries_total.inc
+        #: Deliveries not yet added to the counter. Streams on a gevent hub
+        #: add theirs here (an integer addition per write, where the counter
+        #: costs a lock and, across processes, a write to a memory-mapped
+        #: file); :meth:`flush` adds them up at every watchdog tick and
+        #: when a stream ends.
+        self.pending = 0
 
     def opened(self) -> None:
         """A stream started (its first bytes are being sent)."""
@@ -158,6 +165,13 @@ class Metrics:
         if counter is None:
             counter = self._disconnects["error"]
         counter.inc()
+
+    def flush(self) -> None:
+        """Add the pending deliveries to the counter."""
+        pending = self.pending
+        if pending:
+            self.pending = 0
+            self.deliveries_total.inc(pending)
 
     def published(self) -> None:
         """An event was accepted by the broker."""

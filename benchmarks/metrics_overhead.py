@@ -1,0 +1,191 @@
+"""The cost of Prometheus metrics on the hot path: fan-out throughput with
+``EVENTSTREAM_METRICS`` off and on, in the same run.
+
+Starts two ``gunicorn -k gevent -w 1 'tests.apps.streams:create_app()'``
+servers on free ports of 127.0.0.1 (in-memory broker, heartbeat 60 s): one
+without metrics, one with ``EVENTSTREAM_METRICS=1`` and
+``PROMETHEUS_MULTIPROC_DIR`` set (the multi-process mode, where every count
+is a write to a memory-mapped file: the dearer of prometheus_client's two
+modes). Each holds M subscribers (raw sockets in this process); runs of N
+events published inside the worker (``POST /bulk``) alternate between the
+two servers, and for each the figures are
+
+- deliveries per second, from the first request until every subscriber has
+  every event, and
+- the worker's CPU time per 1,000 deliveries (``/proc/<pid>/stat``), which
+  the client's own speed does not hide.
+
+The overhead is 1 - (median with metrics / median without) for throughput,
+and (median with / median without) - 1 for CPU per delivery; the paired
+figures are the medians of the same ratios taken run by run (each run with
+metrics against the run without it just before), which cancels most of the
+drift of a shared machine. On a busy machine wall-clock throughput swings by
+tens of percent from run to run; the CPU time per delivery is the steadier
+measure of what the metrics cost. Run from the
+repository root::
+
+    python -m benchmarks.metrics_overhead
+    python -m benchmarks.metrics_overhead --subscribers 500 --events 400 --repeat 7
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+import typing as t
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from benchmarks.quick_core import close_all  # noqa: E402
+from benchmarks.quick_core import emit  # noqa: E402
+from benchmarks.quick_core import measure_fanout  # noqa: E402
+from tests.support.servers import open_clients  # noqa: E402
+from tests.support.servers import raise_nofile  # noqa: E402
+from tests.support.servers import Server  # noqa: E402
+from tests.support.servers import SSEClient  # noqa: E402
+
+APP = "tests.apps.streams:create_app"
+
+
+def deliveries(server: Server) -> float:
+    """``eventstream_deliveries_total`` from the server's /metrics."""
+    status, body = server.request("GET", "/metrics")
+    assert status == 200, body[:200]
+    for line in body.decode().splitlines():
+        if line.startswith("eventstream_deliveries_total "):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError("no eventstream_deliveries_total")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--subscribers", type=int, default=500)
+    parser.add_argument("--events", type=int, default=300)
+    parser.add_argument("--batch", type=int, default=10)
+    parser.add_argument("--repeat", type=int, default=5)
+    args = parser.parse_args(argv)
+
+    raise_nofile(4 * args.subscribers + 1024)
+    base = {"EVENTSTREAM_HEARTBEAT": "60", "EVENTSTREAM_QUEUE_SIZE": "100000"}
+    metrics_dir = tempfile.TemporaryDirectory(prefix="eventstream-metrics-")
+    servers = {
+        "off": Server("gunicorn", APP, base),
+        "on": Server(
+            "gunicorn",
+            APP,
+            {
+                **base,
+                "EVENTSTREAM_METRICS": "1",
+                "PROMETHEUS_MULTIPROC_DIR": metrics_dir.name,
+            },
+        ),
+    }
+    emit(
+        {
+            "measure": "setup",
+            "python": platform.python_version(),
+            "cpus": os.cpu_count(),
+            "loadavg": os.getloadavg(),
+            "subscribers": args.subscribers,
+            "events": args.events,
+            "batch": args.batch,
+        }
+    )
+    clients: dict[str, list[SSEClient]] = {}
+    runs: dict[str, list[dict[str, t.Any]]] = {"off": [], "on": []}
+    try:
+        for name, server in servers.items():
+            server.start()
+            close_all(open_clients(server.port, "/stream/warmup", 10))
+            server.publish("warmup", "x")
+            server.wait_connections(0, 10)
+            clients[name] = open_clients(
+                server.port, "/stream/bench", args.subscribers, count_only=True
+            )
+            server.wait_connections(args.subscribers, 30)
+        status, body = servers["on"].request("GET", "/metrics")
+        assert status == 200 and b"eventstream_connections " in body, body[:200]
+        for _ in range(args.repeat):
+            for name, server in servers.items():
+                record = measure_fanout(
+                    server, clients[name], args.events, "bulk", args.batch, "bench"
+                )
+                record["metrics"] = name
+                record["worker_cpu_ms_per_1000"] = round(
+                    1e6 * record["worker_cpu_s"] / (args.events * args.subscribers),
+                    3,
+                )
+                emit(record)
+                runs[name].append(record)
+        # The count is exact (pending deliveries land at the next tick).
+        total = args.subscribers * args.events * args.repeat
+        deadline = time.monotonic() + 5
+        while (counted := deliveries(servers["on"])) != total:
+            assert time.monotonic() < deadline, (counted, total)
+            time.sleep(0.1)
+    finally:
+        for group in clients.values():
+            close_all(group)
+        for server in servers.values():
+            server.stop()
+            server._stderr.close()
+        metrics_dir.cleanup()
+
+    def median(name: str, key: str) -> float:
+        return statistics.median(r[key] for r in runs[name])
+
+    off_dps, on_dps = (
+        median("off", "deliveries_per_s"),
+        median("on", "deliveries_per_s"),
+    )
+    off_cpu = median("off", "worker_cpu_ms_per_1000")
+    on_cpu = median("on", "worker_cpu_ms_per_1000")
+    # Paired: each run with metrics against the run without just before it,
+    # which cancels the drift of a shared machine's load.
+    pairs = list(zip(runs["off"], runs["on"], strict=True))
+    paired_dps = statistics.median(
+        1 - on["deliveries_per_s"] / off["deliveries_per_s"] for off, on in pairs
+    )
+    paired_cpu = statistics.median(
+        on["worker_cpu_ms_per_1000"] / off["worker_cpu_ms_per_1000"] - 1
+        for off, on in pairs
+    )
+    result = {
+        "measure": "metrics-overhead",
+        "paired_throughput_overhead_pct": round(100 * paired_dps, 2),
+        "paired_cpu_overhead_pct": round(100 * paired_cpu, 2),
+        "deliveries_per_s_off": off_dps,
+        "deliveries_per_s_on": on_dps,
+        "throughput_overhead_pct": round(100 * (1 - on_dps / off_dps), 2),
+        "worker_cpu_ms_per_1000_off": off_cpu,
+        "worker_cpu_ms_per_1000_on": on_cpu,
+        "cpu_overhead_pct": round(100 * (on_cpu / off_cpu - 1), 2),
+        "loadavg": os.getloadavg(),
+    }
+    emit(result)
+    print()
+    print(f"{'':<34} {'metrics off':>12} {'metrics on':>12} {'overhead':>10}")
+    print(
+        f"{'deliveries/s (median)':<34} {off_dps:>12.0f} {on_dps:>12.0f}"
+        f" {result['throughput_overhead_pct']:>9.2f}%"
+    )
+    print(
+        f"{'worker CPU ms / 1000 deliveries':<34} {off_cpu:>12.3f} {on_cpu:>12.3f}"
+        f" {result['cpu_overhead_pct']:>9.2f}%"
+    )
+    print(
+        f"{'paired (median of per-pair ratios)':<34} {'':>12} {'':>12}"
+        f" {result['paired_throughput_overhead_pct']:>9.2f}%"
+        f" throughput, {result['paired_cpu_overhead_pct']:.2f}% CPU"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
