@@ -110,6 +110,25 @@ def test_dashboard_follows_streams_and_events(
         )
         assert painted > 1000
 
+        if SCREENSHOT_DIR:
+            # For the documentation: half a minute of streams coming and
+            # going and bursts of events, so the chart has something to show.
+            extra: list[SSEClient] = []
+            try:
+                for second in range(30):
+                    if second % 6 < 3:
+                        extra += open_clients(port, "/stream/lobby", 3 + second % 4)
+                    elif extra:
+                        for client in extra[: 2 + second % 3]:
+                            client.close()
+                        extra = [c for c in extra if not c.closed]
+                    for n in range((second * 7) % 11 + 2 * (second % 5)):
+                        server.publish({"text": f"burst {second}.{n}"})
+                    page.wait_for_timeout(1000)
+            finally:
+                for client in extra:
+                    client.close()
+
         shot = tmp_path / "dashboard.png"
         page.screenshot(path=str(shot), full_page=True)
         assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
