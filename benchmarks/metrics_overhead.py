@@ -18,10 +18,11 @@ two servers, and for each the figures are
 The overhead is 1 - (median with metrics / median without) for throughput,
 and (median with / median without) - 1 for CPU per delivery; the paired
 figures are the medians of the same ratios taken run by run (each run with
-metrics against the run without it just before), which cancels most of the
-drift of a shared machine. On a busy machine wall-clock throughput swings by
-tens of percent from run to run; the CPU time per delivery is the steadier
-measure of what the metrics cost. Run from the
+metrics against the run without it next to it; which of the two goes first
+alternates), which cancels most of the drift of a shared machine. On a busy
+machine wall-clock throughput swings by tens of percent from run to run; the
+CPU time per delivery is the steadier measure of what the metrics cost. Run
+from the
 repository root::
 
     python -m benchmarks.metrics_overhead
@@ -111,8 +112,11 @@ def main(argv: list[str] | None = None) -> int:
             server.wait_connections(args.subscribers, 30)
         status, body = servers["on"].request("GET", "/metrics")
         assert status == 200 and b"eventstream_connections " in body, body[:200]
-        for _ in range(args.repeat):
-            for name, server in servers.items():
+        for n in range(args.repeat):
+            # Which goes first alternates: a shared machine's load drifts.
+            order = ["off", "on"] if n % 2 == 0 else ["on", "off"]
+            for name in order:
+                server = servers[name]
                 record = measure_fanout(
                     server, clients[name], args.events, "bulk", args.batch, "bench"
                 )
@@ -146,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     off_cpu = median("off", "worker_cpu_ms_per_1000")
     on_cpu = median("on", "worker_cpu_ms_per_1000")
-    # Paired: each run with metrics against the run without just before it,
+    # Paired: each run with metrics against the run without next to it,
     # which cancels the drift of a shared machine's load.
     pairs = list(zip(runs["off"], runs["on"], strict=True))
     paired_dps = statistics.median(
