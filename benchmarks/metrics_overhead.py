@@ -21,9 +21,9 @@ figures are the medians of the same ratios taken run by run (each run with
 metrics against the run without it next to it; which of the two goes first
 alternates), which cancels most of the drift of a shared machine. On a busy
 machine wall-clock throughput swings by tens of percent from run to run; the
-CPU time per delivery is the steadier measure of what the metrics cost. Run
-from the
-repository root::
+CPU time per delivery is the steadier measure of what the metrics cost.
+
+Run from the repository root::
 
     python -m benchmarks.metrics_overhead
     python -m benchmarks.metrics_overhead --subscribers 500 --events 400 --repeat 7
