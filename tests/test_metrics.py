@@ -235,3 +235,15 @@ def test_missing_prometheus_client_names_the_extra() -> None:
         "EVENTSTREAM_METRICS is on but prometheus_client is missing:"
         " pip install 'flask-eventstream[metrics]'\n"
     ), result.stderr
+
+
+def test_example_app_serves_metrics_only_when_enabled() -> None:
+    from example_app import create_app
+
+    off = create_app({"EVENTSTREAM_METRICS": False}).test_client().get("/metrics")
+    assert off.status_code == 404
+    app = create_app({"EVENTSTREAM_METRICS": True})
+    response = app.test_client().get("/metrics")
+    assert response.status_code == 200
+    assert response.content_type.startswith("text/plain")
+    assert b"\neventstream_connections " in response.data
