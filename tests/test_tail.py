@@ -4,6 +4,7 @@ gunicorn server, printing what is published through each worker."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import selectors
 import signal
@@ -68,6 +69,11 @@ class Tail:
                         f" stderr {self.err!r}"
                     )
                 if not sel.get_map():
+                    # Both pipes closed: the process is exiting.
+                    with contextlib.suppress(subprocess.TimeoutExpired):
+                        self.proc.wait(left)
+                    if until():
+                        return
                     raise AssertionError(
                         f"tail exited ({self.proc.poll()}): stdout {self.out!r},"
                         f" stderr {self.err!r}"
@@ -94,7 +100,7 @@ class Tail:
     def interrupt(self, timeout: float = 10.0) -> int:
         """Ctrl-C: SIGINT, then the exit code."""
         self.proc.send_signal(signal.SIGINT)
-        self._read(lambda: False if self.proc.poll() is None else True, timeout)
+        self._read(lambda: self.proc.poll() is not None, timeout)
         self.proc.wait(timeout)
         assert self.proc.stdout is not None and self.proc.stderr is not None
         self.out += self.proc.stdout.read() or b""
