@@ -33,9 +33,14 @@ import os
 import threading
 import typing as t
 
+from .exceptions import PublishError
+from .observe import Observer
+
 if t.TYPE_CHECKING:
     from prometheus_client import Counter
     from prometheus_client import Gauge
+
+    from .sse import Event
 
 __all__ = [
     "DISCONNECT_REASONS",
@@ -79,10 +84,12 @@ def _prometheus() -> t.Any:
     return prometheus_client
 
 
-class Metrics:
+class Metrics(Observer):
     """The library's metrics in this process; see :func:`get_metrics`.
 
-    Each method is called at the one place where what it counts happens.
+    It is the brokers' observer (:mod:`flask_eventstream.observe`), called
+    at the one place where each thing it counts happens, plus
+    :attr:`pending`, which the streams' write loop adds to.
     """
 
     __slots__ = (
@@ -95,7 +102,7 @@ class Metrics:
         "publish_errors_total",
         "_disconnects",
         "_resumes",
-        "delivered",
+        "written",
         "pending",
     )
 
@@ -143,8 +150,8 @@ class Metrics:
         self._resumes = {
             result: self.resumes_total.labels(result) for result in RESUME_RESULTS
         }
-        #: ``delivered(n)``: ``n`` events were written to a client.
-        self.delivered: t.Callable[[int], None] = self.deliveries_total.inc
+        #: ``written(n)``: a write of ``n`` events to a client completed.
+        self.written: t.Callable[[int], None] = self.deliveries_total.inc
         #: Deliveries not yet added to the counter. Streams on a gevent hub
         #: add theirs here (an integer addition per write, where the counter
         #: costs a lock and, across processes, a write to a memory-mapped
@@ -152,13 +159,16 @@ class Metrics:
         #: when a stream ends.
         self.pending = 0
 
-    def opened(self) -> None:
+    def stream_opened(self, connection_id: int, channels: tuple[str, ...]) -> None:
         """A stream started (its first bytes are being sent)."""
         self.connections.inc()
         self.opened_total.inc()
 
-    def ended(self, reason: str) -> None:
+    def stream_ended(
+        self, connection_id: int, channels: tuple[str, ...], reason: str
+    ) -> None:
         """A stream that had started was released."""
+        self.flush()
         self.connections.dec()
         reason = _REASONS.get(reason, reason)
         counter = self._disconnects.get(reason)
@@ -173,18 +183,21 @@ class Metrics:
             self.pending = 0
             self.deliveries_total.inc(pending)
 
-    def published(self) -> None:
+    def published(self, channel: str, event: Event) -> None:
         """An event was accepted by the broker."""
         self.published_total.inc()
 
-    def publish_failed(self) -> None:
-        """A :class:`~flask_eventstream.PublishError` is being raised."""
-        self.publish_errors_total.inc()
+    def publish_failed(self, channel: str, error: Exception) -> None:
+        """Publishing raised: counted when it is a
+        :class:`~flask_eventstream.PublishError` (the broker could not take
+        the event), not for bad input."""
+        if isinstance(error, PublishError):
+            self.publish_errors_total.inc()
 
-    def resumed(self, reset: bool) -> None:
+    def resumed(self, channels: tuple[str, ...], result: str) -> None:
         """A stream resumed from a client's id: exactly (``replayed``), or
         after an ``eventstream-reset``."""
-        self._resumes["reset" if reset else "replayed"].inc()
+        self._resumes["replayed" if result == "exact" else "reset"].inc()
 
 
 _metrics: Metrics | None = None

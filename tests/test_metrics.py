@@ -20,6 +20,7 @@ from flask_eventstream.metrics import DISCONNECT_REASONS
 from flask_eventstream.metrics import exposition
 from flask_eventstream.testing import EventParser
 from flask_eventstream.testing import ReceivedEvent
+from tests.support.redis import close_app
 from tests.support.redis import RedisServer
 from tests.support.servers import make_app
 from tests.support.servers import ROOT
@@ -190,7 +191,7 @@ def test_publish_errors_are_counted(redis_server: RedisServer) -> None:
                 ext.publish("c", "lost")
             assert counts.delta() == {"eventstream_publish_errors_total": 1}
     finally:
-        app.extensions["eventstream"].broker.close()
+        close_app(app)
 
 
 def _run(code: str) -> subprocess.CompletedProcess[str]:

@@ -42,8 +42,7 @@ REDIS_URL_KEYS = ("EVENTSTREAM_REDIS_URL", "SSE_REDIS_URL", "REDIS_URL")
 
 
 def _extension(app: Flask) -> EventStream | None:
-    state = app.extensions.get("eventstream")
-    return None if state is None else t.cast(EventStream, state.owner)
+    return t.cast("EventStream | None", app.extensions.get("eventstream"))
 
 
 class ServerSentEventsBlueprint(Blueprint):
