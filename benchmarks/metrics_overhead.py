@@ -74,6 +74,7 @@ def call_costs(directory: str) -> dict[str, float]:
     counting a write's deliveries (an integer addition, added up at the
     watchdog's ticks) and counting a publish (a counter increment)."""
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
+    from flask_eventstream import Event
     from flask_eventstream.metrics import get_metrics
 
     metrics = get_metrics()
@@ -90,7 +91,11 @@ def call_costs(directory: str) -> dict[str, float]:
     costs = {
         "write_ns": per_call(write, count=3, metrics=metrics, batched=True)
         - per_call(write, count=3, metrics=None, batched=True),
-        "publish_ns": per_call("metrics.published()", metrics=metrics),
+        "publish_ns": per_call(
+            "metrics.published('bench', event)",
+            metrics=metrics,
+            event=Event(data="x", id="1-0"),
+        ),
     }
     metrics.flush()
     return {k: round(v, 1) for k, v in costs.items()}
