@@ -1,7 +1,7 @@
 """The cost of Prometheus metrics on the hot path: fan-out throughput with
 ``EVENTSTREAM_METRICS`` off and on, in the same run.
 
-Starts two ``gunicorn -k gevent -w 1 'tests.apps.streams:create_app()'``
+Starts two ``gunicorn -k gevent -w 1 'benchmarks.app:create_app()'``
 servers on free ports of 127.0.0.1 (in-memory broker, heartbeat 60 s): one
 without metrics, one with ``EVENTSTREAM_METRICS=1`` and
 ``PROMETHEUS_MULTIPROC_DIR`` set (the multi-process mode, where every count
@@ -50,18 +50,16 @@ import typing as t
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from benchmarks.processes import AppServer  # noqa: E402
+from benchmarks.processes import raise_nofile  # noqa: E402
 from benchmarks.quick_core import close_all  # noqa: E402
 from benchmarks.quick_core import emit  # noqa: E402
 from benchmarks.quick_core import measure_fanout  # noqa: E402
-from tests.support.servers import open_clients  # noqa: E402
-from tests.support.servers import raise_nofile  # noqa: E402
-from tests.support.servers import Server  # noqa: E402
-from tests.support.servers import SSEClient  # noqa: E402
-
-APP = "tests.apps.streams:create_app"
+from benchmarks.sseclient import open_clients  # noqa: E402
+from benchmarks.sseclient import SSEClient  # noqa: E402
 
 
-def deliveries(server: Server) -> float:
+def deliveries(server: AppServer) -> float:
     """``eventstream_deliveries_total`` from the server's /metrics."""
     status, body = server.request("GET", "/metrics")
     assert status == 200, body[:200]
@@ -117,14 +115,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
 
-    raise_nofile(4 * args.subscribers + 1024)
+    raise_nofile()
     base = {"EVENTSTREAM_HEARTBEAT": "60", "EVENTSTREAM_QUEUE_SIZE": "100000"}
     metrics_dir = tempfile.TemporaryDirectory(prefix="eventstream-metrics-")
     servers = {
-        "off": Server("gunicorn", APP, base),
-        "on": Server(
+        "off": AppServer("gunicorn", base),
+        "on": AppServer(
             "gunicorn",
-            APP,
             base
             if args.control
             else {
@@ -186,8 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         for group in clients.values():
             close_all(group)
         for server in servers.values():
-            server.stop()
-            server._stderr.close()
+            server.close()
 
     def median(name: str, key: str) -> float:
         return statistics.median(r[key] for r in runs[name])
