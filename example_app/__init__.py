@@ -77,7 +77,7 @@ def _config_from_env() -> dict[str, t.Any]:
         try:
             config[key] = kind(value)
         except ValueError:
-            what = "JSON" if kind is json.loads else f"a {kind.__name__.lstrip('_')}"
+            what = "JSON" if kind is json.loads else f"a {kind.__name__}"
             raise ValueError(
                 f"Environment variable {key}={value!r} is not {what}"
             ) from None
