@@ -28,6 +28,8 @@ from tests.support.workers import worker_connections
 from tests.support.workers import WorkerConnection
 
 APP = "tests.apps.streams:create_app"
+#: The example's signing key, the same for the server and the command.
+SECRET_KEY = "tail-test-secret"
 
 
 class Tail:
@@ -41,6 +43,7 @@ class Tail:
         }
         env.update(
             EVENTSTREAM_REDIS_URL=redis_url,
+            EXAMPLE_SECRET_KEY=SECRET_KEY,
             PYTHONPATH=os.pathsep.join(filter(None, [ROOT, env.get("PYTHONPATH")])),
         )
         self.proc = subprocess.Popen(
@@ -158,7 +161,10 @@ def test_tail_prints_events_from_every_worker_then_resumes(
     server = start_server(
         "gunicorn",
         app=APP,
-        env={"EVENTSTREAM_REDIS_URL": redis_server.url},
+        env={
+            "EVENTSTREAM_REDIS_URL": redis_server.url,
+            "EXAMPLE_SECRET_KEY": SECRET_KEY,
+        },
         args=["-w", "3", "--keep-alive", "60"],
     )
     workers = worker_connections(server, 3)
