@@ -3,9 +3,10 @@
     python -m benchmarks.failover [--kills 5] [--streams 24] [--json PATH]
 
 For MIN_REPLICAS = 1 and then 0, starts its own Redis master, a replica and
-three Sentinels (``redis-server CONF --sentinel``) and ``gunicorn -k gevent
--w 3`` of the example app (``tests.apps.streams``) on a ``redis+sentinel://``
-URL, all on free ports of 127.0.0.1. Streams stay open on /gen/lobby (a
+three Sentinels (``redis-server CONF --sentinel``, see
+:mod:`benchmarks.sentinel`) and ``gunicorn -k gevent -w 3`` of
+:mod:`benchmarks.app` on a ``redis+sentinel://`` URL, all on free ports of
+127.0.0.1. Streams stay open on /gen/lobby (a
 stream that ends reconnects with its Last-Event-ID, as EventSource does)
 while one publisher POSTs numbered events without pause. Then, ``--kills``
 times (with ``--lag S``, after cutting the replica off for S seconds, so
@@ -46,16 +47,15 @@ from pathlib import Path
 if not __package__:  # python benchmarks/failover.py
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.support.sentinel import FAILOVER_TIMEOUT_MS  # noqa: E402
-from tests.support.sentinel import SentinelSetup  # noqa: E402
-from tests.support.servers import open_clients  # noqa: E402
-from tests.support.servers import pump  # noqa: E402
-from tests.support.servers import raise_nofile  # noqa: E402
-from tests.support.servers import Server  # noqa: E402
-from tests.support.servers import SSEClient  # noqa: E402
-from tests.support.servers import wait_for  # noqa: E402
+from benchmarks.processes import AppServer  # noqa: E402
+from benchmarks.processes import raise_nofile  # noqa: E402
+from benchmarks.processes import wait_for  # noqa: E402
+from benchmarks.sentinel import FAILOVER_TIMEOUT_MS  # noqa: E402
+from benchmarks.sentinel import SentinelSetup  # noqa: E402
+from benchmarks.sseclient import open_clients  # noqa: E402
+from benchmarks.sseclient import pump  # noqa: E402
+from benchmarks.sseclient import SSEClient  # noqa: E402
 
-APP = "tests.apps.streams:create_app"
 PATH = "/gen/lobby"
 WORKERS = 3
 
@@ -69,7 +69,7 @@ class Publisher(threading.Thread):
     """POSTs numbered events one after another; keeps every answer as
     (sent at, answered at, status, id, data)."""
 
-    def __init__(self, server: Server) -> None:
+    def __init__(self, server: AppServer) -> None:
         super().__init__(daemon=True)
         self.server = server
         self.stopped = threading.Event()
@@ -103,7 +103,7 @@ class Publisher(threading.Thread):
 class Streams:
     """Streams that reconnect with their last id when they end."""
 
-    def __init__(self, server: Server, count: int) -> None:
+    def __init__(self, server: AppServer, count: int) -> None:
         self.server = server
         self.sessions = [[c] for c in open_clients(server.port, PATH, count, batch=8)]
         self.reconnects = 0
@@ -146,10 +146,9 @@ class Streams:
                 client.close()
 
 
-def start_gunicorn(setup: SentinelSetup, min_replicas: int) -> Server:
-    server = Server(
+def start_gunicorn(setup: SentinelSetup, min_replicas: int) -> AppServer:
+    server = AppServer(
         "gunicorn",
-        APP,
         env={
             **setup.env(),
             "EVENTSTREAM_REDIS_MIN_REPLICAS": str(min_replicas),
@@ -170,11 +169,18 @@ def measure_publish(
     """``publish()`` latency at each MIN_REPLICAS setting, on one topology,
     in alternating rounds (so that the machine's load hits all alike)."""
     from example_app import create_app
-    from tests.support.redis import close_app
+    from flask_eventstream.testing import broker
 
     setup = SentinelSetup.start(replicas=1)
     apps = {
-        n: create_app({**setup.config(), "EVENTSTREAM_REDIS_MIN_REPLICAS": n})
+        # (A secret key of its own: the grants of these apps are never used.)
+        n: create_app(
+            {
+                **setup.config(),
+                "EVENTSTREAM_REDIS_MIN_REPLICAS": n,
+                "SECRET_KEY": "failover-benchmark",
+            }
+        )
         for n in settings
     }
     times: dict[int, list[float]] = {n: [] for n in settings}
@@ -193,7 +199,7 @@ def measure_publish(
                         times[n].append((time.perf_counter() - start) * 1000)
     finally:
         for app in apps.values():
-            close_app(app)
+            broker(app).close()
         setup.close()
     return {
         f"min_replicas_{n}": {
@@ -222,7 +228,7 @@ def failover_loop(
     lag: float = 0.0,
 ) -> dict[str, t.Any]:
     setup = SentinelSetup.start(replicas=1)
-    server: Server | None = None
+    server: AppServer | None = None
     clients: Streams | None = None
     try:
         server = start_gunicorn(setup, min_replicas)
@@ -324,7 +330,6 @@ def failover_loop(
         if clients is not None:
             clients.close()
         if server is not None:
-            server.stop()
             server.close()
         save_logs(setup, logs, f"min{min_replicas}")
         setup.close()

@@ -8,7 +8,7 @@ a subprocess on a free port of 127.0.0.1, stopped by the PID started here.
 :class:`RedisProcess`
     ``redis-server`` (from ``PATH``) in a temporary directory, which can stop
     (SIGTERM, so it writes its AOF; or SIGKILL) and start again on the same
-    port.
+    port. :mod:`benchmarks.sentinel` builds a Sentinel topology of them.
 """
 
 from __future__ import annotations
@@ -254,19 +254,30 @@ class AppServer:
 
 
 class RedisProcess:
-    """``redis-server`` on ``HOST:port``, in a temporary directory."""
+    """``redis-server`` on ``HOST:port``, in a temporary directory, with no
+    persistence but ``appendonly``; ``extra`` options go last on its command
+    line (:meth:`argv`), and with ``password`` it requires ``AUTH`` (also of
+    its replicas, as ``masterauth``)."""
 
     def __init__(
-        self, *, appendonly: bool = False, extra: t.Sequence[str] = ()
+        self,
+        *,
+        appendonly: bool = False,
+        extra: Sequence[str] = (),
+        password: str | None = None,
+        binary: str | None = None,
     ) -> None:
-        binary = shutil.which("redis-server")
+        binary = binary or shutil.which("redis-server")
         if binary is None:
             raise RuntimeError("redis-server is not on PATH")
         self.binary = binary
         self.appendonly = appendonly
         self.extra = list(extra)
+        self.password = password
         self.port = free_port()
         self._tmp = tempfile.TemporaryDirectory(prefix="bench-redis-")
+        self.dir = self._tmp.name
+        self.log_path = os.path.join(self.dir, "redis.log")
         self.proc: subprocess.Popen[bytes] | None = None
         self._clients: list[redis.Redis] = []
 
@@ -274,38 +285,62 @@ class RedisProcess:
     def url(self) -> str:
         return f"redis://{HOST}:{self.port}/0"
 
-    def start(self, timeout: float = 10.0) -> RedisProcess:
-        """Start (again, on the same port) and wait until it answers PING
-        with its data loaded."""
-        assert self.proc is None or self.proc.poll() is not None, "running"
-        argv = [
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def argv(self) -> list[str]:
+        auth = []
+        if self.password:
+            auth = ["--requirepass", self.password, "--masterauth", self.password]
+        return [
             self.binary,
             "--port",
             str(self.port),
+            *auth,
             "--bind",
             HOST,
             "--dir",
-            self._tmp.name,
+            self.dir,
             "--save",
             "",
             "--appendonly",
             "yes" if self.appendonly else "no",
             "--logfile",
-            os.path.join(self._tmp.name, "redis.log"),
+            self.log_path,
+            "--daemonize",
+            "no",
             *self.extra,
         ]
+
+    def start(self, timeout: float = 10.0) -> RedisProcess:
+        """Start (again, on the same port) and wait until it answers PING
+        with its data loaded."""
+        assert not self.running, "already running"
         self.proc = subprocess.Popen(
-            argv,
+            self.argv(),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        _start(self.proc, self._ping, timeout, "redis-server")
+        try:
+            _start(self.proc, self._ping, timeout, "redis-server")
+        except (RuntimeError, TimeoutError) as e:
+            raise type(e)(f"{e}:\n{self.log()}") from None
         return self
 
     def _ping(self) -> bool:
         try:
             with socket.create_connection((HOST, self.port), timeout=0.5) as s:
+                if self.password:
+                    s.sendall(f"AUTH {self.password}\r\n".encode())
+                    if not s.recv(64).startswith(b"+OK"):
+                        return False
                 s.sendall(b"PING\r\n")
                 reply = s.recv(64)
         except OSError:
@@ -321,9 +356,19 @@ class RedisProcess:
         """A redis-py client named ``bench``, closed by :meth:`close`."""
         import redis
 
-        client = redis.Redis.from_url(self.url, client_name="bench", socket_timeout=5)
+        client = redis.Redis.from_url(
+            self.url, client_name="bench", password=self.password, socket_timeout=5
+        )
         self._clients.append(client)
         return client
+
+    def log(self, limit: int = 5000) -> str:
+        """The end of the server's log file."""
+        try:
+            with open(self.log_path, encoding="utf-8", errors="replace") as f:
+                return f.read()[-limit:]
+        except OSError:
+            return ""
 
     def close(self) -> None:
         for client in self._clients:
@@ -332,6 +377,10 @@ class RedisProcess:
         self._clients.clear()
         self.stop(kill=True)
         self._tmp.cleanup()
+
+    def __repr__(self) -> str:
+        pid = self.proc and self.proc.pid
+        return f"<{type(self).__name__} :{self.port} pid={pid}>"
 
 
 class RedisClusterProcess:

@@ -26,6 +26,7 @@ from flask_eventstream import EventStream
 from flask_eventstream import eventstream
 from flask_eventstream import PublishError
 
+from . import ops
 from . import people
 
 __all__ = ["create_app", "stream"]
@@ -56,6 +57,7 @@ _ENV_KEYS: dict[str, t.Callable[[str], t.Any]] = {
     "EVENTSTREAM_MAX_EVENT_SIZE": int,
     "EVENTSTREAM_SEND_TIMEOUT": float,
     "EVENTSTREAM_MAX_LIFETIME": float,
+    "EVENTSTREAM_METRICS": boolean,
     "EXAMPLE_PRIVATE_TOKEN": str,
     "EXAMPLE_CLOCK_INTERVAL": float,
     # Grants and presence (example_app.people).
@@ -173,5 +175,7 @@ def create_app(config: t.Mapping[str, t.Any] | None = None) -> Flask:
     @app.get("/healthz")
     def healthz() -> t.Any:
         return jsonify(stream.stats())
+
+    ops.register(app, stream)
 
     return app

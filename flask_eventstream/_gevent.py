@@ -331,8 +331,12 @@ class Watchdog:
       allocation and two libev calls on every delivery).
     """
 
-    def __init__(self, tick: float = 0.5) -> None:
+    def __init__(
+        self, tick: float = 0.5, on_tick: t.Callable[[], None] | None = None
+    ) -> None:
         self._tick = tick
+        #: Called at every tick, before the sweep (it must not block).
+        self._on_tick = on_tick
         self._streams: weakref.WeakSet[_Watched] = weakref.WeakSet()
         self._runner: t.Any = None
 
@@ -347,6 +351,8 @@ class Watchdog:
     def _run(self) -> None:
         while self._streams:
             gevent.sleep(self._tick)
+            if self._on_tick is not None:
+                self._on_tick()
             now = time.monotonic()
             for stream in list(self._streams):
                 timing = stream.timing

@@ -22,6 +22,9 @@ from .broker import Sink
 from .sse import encode_retry
 from .sse import Event
 
+if t.TYPE_CHECKING:
+    from .metrics import Metrics
+
 __all__ = ["AppState", "Settings", "register", "state_for"]
 
 log = logging.getLogger(__name__)
@@ -45,6 +48,7 @@ class Settings:
     max_lifetime: float | None = None
     presence_events: bool = False
     presence_timeout: float = 30.0
+    metrics: bool = False
 
     KEYS: t.ClassVar[dict[str, str]] = {
         "redis_url": "EVENTSTREAM_REDIS_URL",
@@ -61,6 +65,7 @@ class Settings:
         "max_lifetime": "EVENTSTREAM_MAX_LIFETIME",
         "presence_events": "EVENTSTREAM_PRESENCE_EVENTS",
         "presence_timeout": "EVENTSTREAM_PRESENCE_TIMEOUT",
+        "metrics": "EVENTSTREAM_METRICS",
     }
 
     def __post_init__(self) -> None:
@@ -94,6 +99,10 @@ class Settings:
         if not 0 < len(prefix) <= 128:
             raise ValueError(
                 f"EVENTSTREAM_REDIS_PREFIX must be 1 to 128 characters, not {prefix!r}"
+            )
+        if not isinstance(self.metrics, bool):
+            raise TypeError(
+                f"{self.KEYS['metrics']} must be True or False, not {self.metrics!r}"
             )
 
     @classmethod
@@ -181,7 +190,17 @@ class AppState:
         ticks = [0.5, settings.heartbeat / 4, settings.send_timeout / 4]
         if settings.max_lifetime:
             ticks.append(settings.max_lifetime / 20)
-        self.watchdog = _gevent.Watchdog(tick=min(ticks))
+        #: The process's metrics, with ``EVENTSTREAM_METRICS``.
+        self.metrics: Metrics | None = None
+        if settings.metrics:
+            from .metrics import get_metrics
+
+            self.metrics = get_metrics()
+        self.watchdog = _gevent.Watchdog(
+            tick=min(ticks),
+            # On gevent, streams add up their deliveries between ticks.
+            on_tick=None if self.metrics is None else self.metrics.flush,
+        )
         self._on_term = on_term
         self._warned_server = False
         on_delivered = self._send_published if app is not None else None
@@ -191,6 +210,8 @@ class AppState:
             on_delivered=on_delivered,
             on_presence=self._presence_changed,
         )
+        if self.metrics is not None:
+            self.broker.observer = self.metrics
 
     def _presence_changed(self, channel: str, user: str, joined: bool) -> None:
         if not self.settings.presence_events:

@@ -81,13 +81,19 @@ class Frame:
     """Encoded bytes ready to be written, with the key of the newest event
     they contain (``None`` for heartbeats and events without a channel id)."""
 
-    __slots__ = ("data", "key", "origin")
+    __slots__ = ("data", "key", "count", "origin")
 
     def __init__(
-        self, data: bytes, key: Key | None = None, origin: t.Any = None
+        self,
+        data: bytes,
+        key: Key | None = None,
+        count: int = 1,
+        origin: t.Any = None,
     ) -> None:
         self.data = data
         self.key = key
+        #: How many events the bytes hold (0 for a heartbeat).
+        self.count = count
         #: What the backend knows of the event, for a subscription's
         #: :attr:`~Subscription.relabel` hook.
         self.origin = origin
@@ -325,7 +331,8 @@ class Subscription:
             if key is not None:
                 self.floor = key
                 queue[:] = [f for f in queue if f.key is None or f.key > key]
-            queue.insert(0, Frame(b"".join([f.data for f in frames]), key))
+            data = b"".join([f.data for f in frames])
+            queue.insert(0, Frame(data, key, sum([f.count for f in frames])))
             self.woken = True
             self._waker.set()
         if floor is not None and (self.floor is None or self.floor < floor):
@@ -368,7 +375,8 @@ class Subscription:
         del queue[:n]
         if n == 1:
             return frames[0]
-        return Frame(b"".join([f.data for f in frames]), frames[-1].key)
+        data = b"".join([f.data for f in frames])
+        return Frame(data, frames[-1].key, sum([f.count for f in frames]))
 
     @property
     def waker(self) -> Waker:
@@ -592,7 +600,9 @@ class Broker:
             validate_channel(channel)
         channels = tuple(dict.fromkeys(channels))
         sub = Subscription(self, channels, waker, self.queue_size, follow, user)
-        sub.resuming = last_id is not None
+        last = parse_id(last_id)
+        # A malformed or oversized id is no resume: it is treated as absent.
+        sub.resuming = last is not None
         with self._lock:
             self._open[sub] = None
         try:

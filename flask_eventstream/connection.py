@@ -41,9 +41,9 @@ log = logging.getLogger(__name__)
 
 #: What a view's iterator gives when it is exhausted.
 END: t.Any = object()
-_HEARTBEAT = Frame(HEARTBEAT)
+_HEARTBEAT = Frame(HEARTBEAT, count=0)
 #: What :meth:`Connection.wait` returns when the time it waited for came.
-TICK = Frame(b"")
+TICK = Frame(b"", count=0)
 #: Seconds a stream that was told to end may take before its greenlet is
 #: killed (it may be stuck in a sleep that is not ours).
 _KILL_GRACE = 0.5
@@ -360,18 +360,31 @@ class Connection:
                 user=self.user,
             )
             data = self.state.retry_bytes
+            count = 0  # events in data
             if first is not END:
-                data += self._to_bytes(first) or b""
+                head = self._to_bytes(first)
+                data += head or b""
+                count = _count(first, head)
             # The hot loop: writes are inlined (no helper generator per
             # write) and frames, the common item, skip _to_bytes.
             monotonic = time.monotonic
             to_bytes = self._to_bytes
             timing = self.timing
+            # A write's events count once it completed. On gevent they are
+            # added up per process and reach the counter at the watchdog's
+            # ticks: an integer addition per write on the hot path.
+            metrics = self.state.metrics
+            batched = self.task is not None
             while True:
                 timing.writing_since = now = monotonic()
                 yield data
                 timing.writing_since = None
                 timing.last_write = now
+                if count and metrics is not None:
+                    if batched:
+                        metrics.pending += count
+                    else:
+                        metrics.written(count)
                 while True:
                     if self.closed:
                         return
@@ -384,7 +397,13 @@ class Connection:
                         return
                     if self.closed:
                         return
-                    chunk = item.data if type(item) is Frame else to_bytes(item)
+                    chunk: bytes | None
+                    if type(item) is Frame:
+                        chunk = item.data
+                        count = item.count
+                    else:
+                        chunk = to_bytes(item)
+                        count = _count(item, chunk)
                     if chunk:
                         data = chunk
                         break
@@ -416,3 +435,12 @@ class Connection:
         for sub in self.subscriptions:
             seen.update(dict.fromkeys(sub.channels))
         return tuple(seen)
+
+
+def _count(item: t.Any, chunk: bytes | None) -> int:
+    """Events in ``chunk``, the bytes of a view's ``item``."""
+    if type(item) is Frame:
+        return item.count
+    if not chunk or chunk == HEARTBEAT:
+        return 0
+    return 1

@@ -89,7 +89,16 @@ def html(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
 
 def test_docs_build_without_warnings(html: pathlib.Path) -> None:
     pages = {p.stem for p in html.glob("*.html")}
-    toc = {"quickstart", "guide", "config", "deploy", "signals", "api", "changes"}
+    toc = {
+        "quickstart",
+        "guide",
+        "config",
+        "deploy",
+        "migrating",
+        "signals",
+        "api",
+        "changes",
+    }
     assert {"index", *toc} <= pages
     index = (html / "index.html").read_text(encoding="utf-8")
     for page in toc:

@@ -228,6 +228,9 @@ class RedisBackend:
             raise RuntimeError("The Redis backend is closed.")
         self._check_fork()
         parsed = parse_positions(last_id, sub.channels)
+        # A resume is an id of this backend's forms (the broker reads only
+        # the in-memory broker's).
+        sub.resuming = parsed is not None
         since: dict[str, Position | None] | Stale
         if parsed is None:
             # Events published from now on are the subscriber's.

@@ -142,7 +142,7 @@ def _frame(
             data = rest[:at] + line + rest[at:]
     if data is None:
         data = encode(event)
-    return Frame(data, None, _Origin(channel, position, event, data))
+    return Frame(data, None, origin=_Origin(channel, position, event, data))
 
 
 class _Ids:
