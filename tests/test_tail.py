@@ -20,6 +20,9 @@ from flask import Flask
 
 from flask_eventstream import Event
 from flask_eventstream import EventStream
+from flask_eventstream.backends.positions import format_positions
+from flask_eventstream.backends.positions import parse_positions
+from flask_eventstream.backends.positions import Position
 from flask_eventstream.sse import encode
 from tests.support.redis import RedisServer
 from tests.support.servers import ROOT
@@ -127,28 +130,40 @@ def tails() -> Iterator[list[Tail]]:
         tail.kill()
 
 
-def block(event_id: str, data: t.Any, event: str | None) -> bytes:
-    """The exact SSE block a subscriber receives for a published event."""
-    return encode(Event(data=data, event=event, id=event_id))
+def tailed_block(
+    channel: str,
+    event_id: str,
+    data: t.Any,
+    event: str | None,
+    positions: dict[str, Position],
+) -> bytes:
+    """The block a stream on alpha and beta gets for an event of
+    ``channel``: its id holds the position of both channels (Redis keeps a
+    position per channel)."""
+    found = parse_positions(event_id, [channel])
+    assert isinstance(found, dict)
+    position = found[channel]
+    assert position is not None
+    positions[channel] = position
+    value = format_positions(["alpha", "beta"], positions)
+    return b"id: " + value.encode() + b"\n" + encode(Event(data=data, event=event))
 
 
 def publish_round(
-    workers: list[WorkerConnection], tag: str
-) -> tuple[list[bytes], list[str]]:
+    workers: list[WorkerConnection], tag: str, positions: dict[str, Position]
+) -> list[bytes]:
     """Two events on tailed channels and one on another, through each
-    worker; returns the blocks of the tailed ones (in publish order) and
-    every id."""
+    worker; returns the blocks of the tailed ones, in publish order."""
     expected: list[bytes] = []
-    ids = []
     for i, worker in enumerate(workers):
         data = {"from": worker.pid, "tag": tag, "n": i}
         a = worker.publish("alpha", data, event="chat")
-        expected.append(block(a, data, "chat"))
+        expected.append(tailed_block("alpha", a, data, "chat", positions))
         worker.publish("gamma", f"untailed {tag} {i}")
-        b = worker.publish("beta", f"plain {tag} {i}\nsecond line")
-        expected.append(block(b, f"plain {tag} {i}\nsecond line", None))
-        ids += [a, b]
-    return expected, ids
+        text = f"plain {tag} {i}\nsecond line"
+        b = worker.publish("beta", text)
+        expected.append(tailed_block("beta", b, text, None, positions))
+    return expected
 
 
 @pytest.mark.redis
@@ -174,7 +189,9 @@ def test_tail_prints_events_from_every_worker_then_resumes(
         tail.wait_ready()
         assert tail.err == b"Tailing alpha, beta; Ctrl-C to stop.\n"
 
-        expected, ids = publish_round(workers, "live")
+        positions: dict[str, Position] = {}
+        expected = publish_round(workers, "live", positions)
+        last_id = format_positions(["alpha", "beta"], positions)
         blocks = tail.blocks(len(expected))
         assert blocks == expected
         assert tail.out == b"".join(expected)
@@ -185,13 +202,13 @@ def test_tail_prints_events_from_every_worker_then_resumes(
         assert tail.out == b"".join(expected)
 
         # Published while nothing tails; then resumed from the last id seen.
-        missed, _ = publish_round(workers, "missed")
-        resumed = Tail(redis_server.url, "alpha", "beta", "--last-event-id", ids[-1])
+        missed = publish_round(workers, "missed", positions)
+        resumed = Tail(redis_server.url, "alpha", "beta", "--last-event-id", last_id)
         tails.append(resumed)
         resumed.wait_ready()
         assert resumed.blocks(len(missed)) == missed
         # Then live events, after the replay and nothing in between.
-        live, _ = publish_round(workers[:1], "after")
+        live = publish_round(workers[:1], "after", positions)
         assert resumed.blocks(len(missed) + len(live)) == missed + live
         time.sleep(0.2)  # room for a duplicate to show up
         resumed._read(lambda: True, 0.1)
