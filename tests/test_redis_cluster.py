@@ -2,7 +2,10 @@
 (tests/support/rcluster.py): channels spread over the masters, exact resume
 for one channel and for several on different masters, a short
 Last-Event-ID, at most three connections per master per worker, and no
-event lost or sent twice through a failover or a slot that moves."""
+event lost or sent twice through a failover or a slot that moves. Also a
+TLS-only cluster of three masters over ``rediss+cluster://`` (live delivery
+and exact resume on different masters; a wrong CA fails fast), and a
+cluster with no reachable node."""
 
 from __future__ import annotations
 
@@ -29,6 +32,7 @@ from tests.support.redis import Publisher
 from tests.support.redis import redis_clients
 from tests.support.redis import sse_id
 from tests.support.redis import stream_key
+from tests.support.servers import free_port
 from tests.support.servers import open_clients
 from tests.support.servers import pump
 from tests.support.servers import Server
@@ -64,7 +68,7 @@ def channels_by_master(
 def app_on(cluster: RedisCluster, **config: t.Any) -> Flask:
     """An app on the cluster with ``/multi?ch=a&ch=b`` and ``/pub/<ch>``."""
     app = Flask(__name__)
-    app.config.update(EVENTSTREAM_REDIS_URL=cluster.seed_url, **config)
+    app.config.update({**cluster.config(), **config})
     stream = EventStream(app)
 
     @app.get("/multi")
@@ -132,8 +136,10 @@ def by_channel(datas: list[str]) -> dict[str, list[str]]:
     return found
 
 
-def test_resume_one_channel_and_several_on_different_masters(cluster: RedisCluster):
-    by_master = channels_by_master(cluster, 1, "res")
+def check_resume_on_different_masters(cluster: RedisCluster, prefix: str) -> None:
+    """Live delivery and exact resume of one channel and of three channels
+    on three different masters, through two workers."""
+    by_master = channels_by_master(cluster, 1, prefix)
     a, b, c = (names[0] for names in by_master.values())
     first, second = app_on(cluster), app_on(cluster)  # two workers
     try:
@@ -184,6 +190,10 @@ def test_resume_one_channel_and_several_on_different_masters(cluster: RedisClust
     finally:
         close_app(first)
         close_app(second)
+
+
+def test_resume_one_channel_and_several_on_different_masters(cluster: RedisCluster):
+    check_resume_on_different_masters(cluster, "res")
 
 
 def test_last_event_id_of_ten_channels_on_three_masters(cluster: RedisCluster):
@@ -477,6 +487,61 @@ def test_failover_while_publishing_with_min_replicas(
             client.close()
         close_app(solo)
         cluster.heal()
+
+
+# -- TLS --
+
+
+def test_tls_cluster_live_and_resume_on_different_masters(tls_cluster: RedisCluster):
+    assert tls_cluster.seed_url.startswith("rediss+cluster://")
+    for node in tls_cluster.nodes:
+        # No plain port: everything below went over TLS.
+        argv = node.argv()
+        assert argv[argv.index("--port") + 1] == "0"
+        assert argv[argv.index("--tls-cluster") + 1] == "yes"
+    assert len(tls_cluster.masters()) == 3
+    check_resume_on_different_masters(tls_cluster, "tls")
+
+
+def test_tls_cluster_with_a_wrong_ca_fails_fast_with_a_clear_error(
+    tls_cluster: RedisCluster, other_ca: str
+):
+    app = app_on(tls_cluster, EVENTSTREAM_REDIS_OPTIONS={"ssl_ca_certs": other_ca})
+    try:
+        stream = app.extensions["eventstream"]
+        with app.app_context():
+            start = time.monotonic()
+            with pytest.raises(PublishError) as info:
+                stream.publish("tls-wrong", "x")
+            elapsed = time.monotonic() - start
+        assert elapsed < 0.5, elapsed
+        message = str(info.value)
+        assert "TLS handshake with Redis at rediss+cluster://127.0.0.1:" in message
+        assert "certificate verify failed" in message
+        assert "ssl_ca_certs in EVENTSTREAM_REDIS_OPTIONS" in message
+        # Nothing was written through the right CA's eyes either.
+        assert entries(tls_cluster, "tls-wrong") == []
+    finally:
+        close_app(app)
+
+
+def test_publish_to_a_cluster_with_no_reachable_node_raises_publish_error():
+    # The cluster client connects as it is made: that failure too is retried
+    # (for about a second) and then reported as a PublishError.
+    app = Flask(__name__)
+    app.config["EVENTSTREAM_REDIS_URL"] = f"redis+cluster://127.0.0.1:{free_port()}"
+    stream = EventStream(app)
+    try:
+        with app.app_context():
+            start = time.monotonic()
+            with pytest.raises(PublishError) as info:
+                stream.publish("nowhere", "x")
+            elapsed = time.monotonic() - start
+        assert elapsed < 3, elapsed
+        assert "Redis at redis+cluster://127.0.0.1:" in str(info.value)
+        assert "is unreachable" in str(info.value)
+    finally:
+        close_app(app)
 
 
 # -- URLs --

@@ -12,6 +12,12 @@ Fixtures:
     Tests that kill a node or move slots call :meth:`RedisCluster.heal`
     when done, which brings killed nodes back (as replicas) and waits until
     every slot is served again.
+``redis_tls_cluster``
+    Module-scoped: three masters and no replicas that speak TLS only (their
+    plain port is off), between each other too (``--tls-cluster yes``), on
+    a certificate of the run's own CA (tests/support/tls.py); reached with
+    ``rediss+cluster://`` and ``ssl_ca_certs`` in
+    ``EVENTSTREAM_REDIS_OPTIONS`` (:meth:`RedisCluster.config`).
 
 Under ``CI=true`` a missing ``redis-server`` or ``redis-cli`` fails instead
 of skipping.
@@ -35,6 +41,8 @@ from tests.support.servers import report_on_failure
 if t.TYPE_CHECKING:
     import redis
     import redis.cluster
+
+    from tests.support.tls import TLSFiles
 
 __all__ = ["ClusterNode", "RedisCluster", "slot_of"]
 
@@ -60,13 +68,19 @@ def slot_of(key: str) -> int:
 
 class ClusterNode(RedisServer):
     """One ``redis-server --cluster-enabled yes``; its ``nodes.conf`` stays in
-    its directory so that a restart rejoins the cluster."""
+    its directory so that a restart rejoins the cluster. With TLS files, the
+    node speaks TLS only, to clients, to its replicas and on the cluster
+    bus."""
 
-    def __init__(self, binary: str) -> None:
-        super().__init__(binary)
+    def __init__(self, binary: str, tls: TLSFiles | None = None) -> None:
+        super().__init__(binary, tls=tls)
         self.bus_port = free_port()
 
     def argv(self) -> list[str]:
+        if self.tls:
+            tls = ["--tls-cluster", "yes", "--tls-replication", "yes"]
+        else:
+            tls = []
         return super().argv() + [
             "--cluster-enabled",
             "yes",
@@ -82,6 +96,7 @@ class ClusterNode(RedisServer):
             "no",
             "--cluster-allow-reads-when-down",
             "no",
+            *tls,
         ]
 
     @property
@@ -101,29 +116,57 @@ class ClusterNode(RedisServer):
 
 
 class RedisCluster:
-    """Six :class:`ClusterNode` s: three masters, one replica each."""
+    """Six :class:`ClusterNode` s: three masters, one replica each (or
+    ``size`` nodes, started with ``replicas`` per master). With TLS files,
+    every node speaks TLS only."""
 
-    def __init__(self, server_binary: str, cli_binary: str, size: int = 6) -> None:
+    def __init__(
+        self,
+        server_binary: str,
+        cli_binary: str,
+        size: int = 6,
+        tls: TLSFiles | None = None,
+    ) -> None:
         self.cli = cli_binary
-        self.nodes = [ClusterNode(server_binary) for _ in range(size)]
+        self.tls = tls
+        self.nodes = [ClusterNode(server_binary, tls) for _ in range(size)]
+
+    @property
+    def scheme(self) -> str:
+        return "rediss+cluster" if self.tls else "redis+cluster"
 
     @property
     def url(self) -> str:
-        """A ``redis+cluster://`` URL naming every node."""
-        return "redis+cluster://" + ",".join(n.address for n in self.nodes)
+        """A ``redis+cluster://`` (``rediss+cluster://``) URL naming every
+        node."""
+        return f"{self.scheme}://" + ",".join(n.address for n in self.nodes)
 
     @property
     def seed_url(self) -> str:
-        """A ``redis+cluster://`` URL naming one node (the others are found
-        through it)."""
-        return f"redis+cluster://{self.nodes[0].address}"
+        """A ``redis+cluster://`` (``rediss+cluster://``) URL naming one node
+        (the others are found through it)."""
+        return f"{self.scheme}://{self.nodes[0].address}"
+
+    @property
+    def options(self) -> dict[str, t.Any]:
+        """What EVENTSTREAM_REDIS_OPTIONS needs to reach the cluster."""
+        return self.tls.redis_options() if self.tls else {}
+
+    def config(self) -> dict[str, t.Any]:
+        """App configuration for this cluster (through one seed node)."""
+        config: dict[str, t.Any] = {"EVENTSTREAM_REDIS_URL": self.seed_url}
+        if self.options:
+            config["EVENTSTREAM_REDIS_OPTIONS"] = self.options
+        return config
 
     def start(self, replicas: int = 1) -> RedisCluster:
         for node in self.nodes:
             node.start()
+        tls = ["--tls", "--cacert", self.tls.ca] if self.tls else []
         subprocess.run(
             [
                 self.cli,
+                *tls,
                 "--cluster",
                 "create",
                 *(n.address for n in self.nodes),
@@ -226,6 +269,8 @@ class RedisCluster:
             port=self.running()[0].port,
             client_name="tests",
             socket_timeout=5,
+            ssl=bool(self.tls),
+            **self.options,
         )
 
     def heal(self, timeout: float = 30.0) -> None:
@@ -304,6 +349,33 @@ def redis_cluster() -> Iterator[RedisCluster]:
         yield cluster
     finally:
         cluster.close()
+
+
+@pytest.fixture(scope="module")
+def redis_tls_cluster(tls_files: TLSFiles) -> Iterator[RedisCluster]:
+    from tests.conftest import require_tool
+
+    cluster = RedisCluster(
+        require_tool("redis-server", "Redis"),
+        require_tool("redis-cli", "Redis"),
+        size=3,
+        tls=tls_files,
+    )
+    try:
+        cluster.start(replicas=0)
+        yield cluster
+    finally:
+        cluster.close()
+
+
+@pytest.fixture
+def tls_cluster(
+    request: pytest.FixtureRequest, redis_tls_cluster: RedisCluster
+) -> RedisCluster:
+    """The module's TLS-only :class:`RedisCluster`, whose node logs a failed
+    test's report shows."""
+    request.node.stash[_CLUSTERS] = [redis_tls_cluster]
+    return redis_tls_cluster
 
 
 @pytest.fixture

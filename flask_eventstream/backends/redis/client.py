@@ -231,7 +231,6 @@ class Client:
         (its reply was lost, or too few replicas acknowledged it), the
         retries go on for :data:`PUBLISH_UNSURE_TIME` to find out, through
         the event's token, across a failover."""
-        shards = self.shards()
         start = time.monotonic()
         deadline = start + PUBLISH_RETRY_TIME
         # At once first: a pooled connection that Redis closed fails once.
@@ -242,6 +241,9 @@ class Client:
             #: come after the script ran).
             sent = [False]
             try:
+                # Inside the retries: a cluster client connects as it is made
+                # (a wrong CA, no seed node reachable).
+                shards = self.shards()
                 if self._min_replicas:
                     raw = self._publish_replicated(shards, key, args, sent)
                 else:
