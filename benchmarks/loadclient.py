@@ -80,6 +80,31 @@ class Collector:
         self.statuses: dict[str, int] = {}
         #: ``{(round, cross_group): [latency seconds, ...]}`` in latency mode.
         self.latencies: dict[tuple[bytes, bool], list[float]] = {}
+        #: Resolved when :attr:`events` reaches :attr:`target`.
+        self.target: int | None = None
+        self.reached: asyncio.Future[None] | None = None
+
+    async def wait_events(self, target: int, timeout: float) -> bool:
+        """Wait until :attr:`events` is at least ``target``; ``False`` on
+        timeout. Resolved from the stream that counts the last block, so a
+        closed-loop publisher loses no polling interval."""
+        if self.events >= target:
+            return True
+        self.target = target
+        self.reached = asyncio.get_running_loop().create_future()
+        try:
+            await asyncio.wait_for(self.reached, timeout)
+            return True
+        except asyncio.TimeoutError:
+            return False
+        finally:
+            self.target = self.reached = None
+
+    def _check(self) -> None:
+        if self.target is not None and self.events >= self.target:
+            reached = self.reached
+            if reached is not None and not reached.done():
+                reached.set_result(None)
 
     def take(self, round_id: int, cross: bool | None = None) -> list[float]:
         key = str(round_id).encode()
@@ -173,6 +198,8 @@ class StreamProto(asyncio.Protocol):
             self._ready(True)
         c = self.c
         c.events += n
+        if c.target is not None:
+            c._check()
         if c.parse and n:
             now = time.time()
             group = self.group
