@@ -71,13 +71,18 @@ def parse_id(value: str | None) -> Key | None:
 
 class Frame:
     """Encoded bytes ready to be written, with the key of the newest event
-    they contain (``None`` for heartbeats and events without a channel id)."""
+    they contain (``None`` for heartbeats and events without a channel id).
 
-    __slots__ = ("data", "key")
+    ``wire`` is for the writer that puts frames on the wire: the bytes as
+    framed for the transport, made once per frame however many subscribers
+    it goes to."""
+
+    __slots__ = ("data", "key", "wire")
 
     def __init__(self, data: bytes, key: Key | None = None) -> None:
         self.data = data
         self.key = key
+        self.wire: bytes | None = None
 
     def __repr__(self) -> str:
         return f"Frame({self.data!r}, key={self.key!r})"
@@ -131,6 +136,7 @@ class Subscription:
         "overflowed",
         "closed",
         "woken",
+        "send",
         "_queue",
         "_limit",
         "_waker",
@@ -154,6 +160,10 @@ class Subscription:
         #: Set when the waker was set for frames not yet drained; spares a
         #: wake-up per event for a subscriber that is already awake.
         self.woken = False
+        #: While the subscriber waits with nothing queued, a callable that
+        #: writes a frame straight to its client and returns whether it took
+        #: the frame (see ``Connection.next_frame``); ``None`` otherwise.
+        self.send: t.Callable[[Frame], bool] | None = None
         # A list, not a deque: an idle subscriber's empty list is 56 bytes,
         # an empty deque about 600. drain() takes a slice and deletes it,
         # each one atomic under the GIL, so publishing threads lose nothing.
@@ -171,6 +181,11 @@ class Subscription:
         floor = self.floor
         if floor is not None and frame.key is not None and frame.key <= floor:
             return
+        send = self.send
+        if send is not None:
+            if send(frame):
+                return
+            self.send = None
         queue = self._queue
         if len(queue) >= self._limit:
             # Cut off: release the backlog now; the client resumes from

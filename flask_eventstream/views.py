@@ -74,6 +74,7 @@ class Connection:
         "last_write",
         "writing_since",
         "send_timeout",
+        "writer",
         "_stop_watch",
         "_cancel_kill",
     )
@@ -98,6 +99,9 @@ class Connection:
         self.deadline: float | None = None
         if settings.max_lifetime:
             self.deadline = now + settings.max_lifetime * random.uniform(0.9, 1.1)
+        #: Writes frames straight to the client while the stream waits (see
+        #: :func:`._gevent.direct_writer`); ``None``: the server writes all.
+        self.writer: _gevent._Writer | None = None
         self._stop_watch: t.Callable[[], None] | None = None
         self._cancel_kill: t.Callable[[], None] | None = None
         state.live.add(self)
@@ -146,6 +150,7 @@ class Connection:
         self.released = True
         self.closed = True
         self.writing_since = None
+        self.writer = None
         for cancel in (self._stop_watch, self._cancel_kill):
             if cancel is not None:
                 cancel()
@@ -245,6 +250,26 @@ class Connection:
                 return frame
             if self.closed:
                 return None
+            writer = self.writer
+            if writer is not None and writer.ready():
+                # Nothing queued: frames published from now on until the
+                # wait ends are written by whoever delivers them, without
+                # waking this greenlet.
+                sub.send = writer.send
+                try:
+                    waker.wait(None)
+                finally:
+                    sub.send = None
+                if writer.pending is not None and not self.closed:
+                    self.writing_since = time.monotonic()
+                    try:
+                        writer.flush()
+                    except OSError:
+                        self.end("client")
+                        return None
+                    finally:
+                        self.writing_since = None
+                continue
             # On gevent the watchdog's sweep wakes the stream when a
             # heartbeat or its end is due: no timer per wait.
             waker.wait(self._timeout(time.monotonic()) if timed else None)
@@ -465,7 +490,7 @@ def _make_response(
         # generator itself.
         body = conn.body(first, items, request.environ, primed=True, sub=rv)
         next(body)
-        response = _response(state, body, passthrough=True)
+        response = _response(state, body, passthrough=True, conn=conn)
     else:
         body = conn.body(first, items, request.environ)
         response = _response(state, _OwnContext(stream_with_context(body)))
@@ -502,10 +527,46 @@ class _OwnContext:
             self._context.run(close)
 
 
+_stream_classes: dict[type[Response], type[Response]] = {}
+
+
+def _stream_class(base: type[Response]) -> type[Response]:
+    """``base`` with a ``__call__`` that tells the stream which server object
+    it is written through (the owner of ``start_response``)."""
+    cls = _stream_classes.get(base)
+    if cls is None:
+
+        class StreamResponse(base):  # type: ignore[valid-type,misc]
+            eventstream_connection: Connection | None = None
+
+            def __call__(
+                self, environ: t.Any, start_response: t.Any
+            ) -> Iterable[bytes]:
+                app_iter: Iterable[bytes] = super().__call__(environ, start_response)
+                conn = self.eventstream_connection
+                if conn is not None and not conn.released:
+                    owner = getattr(start_response, "__self__", None)
+                    conn.writer = _gevent.direct_writer(owner, conn)
+                return app_iter
+
+        cls = _stream_classes[base] = StreamResponse
+    return cls
+
+
 def _response(
-    state: _State, body: Iterable[bytes], *, passthrough: bool = False
+    state: _State,
+    body: Iterable[bytes],
+    *,
+    passthrough: bool = False,
+    conn: Connection | None = None,
 ) -> Response:
-    response = current_app.response_class(body, mimetype="text/event-stream")
+    if conn is not None:
+        response = _stream_class(current_app.response_class)(
+            body, mimetype="text/event-stream"
+        )
+        response.eventstream_connection = conn  # type: ignore[attr-defined]
+    else:
+        response = current_app.response_class(body, mimetype="text/event-stream")
     # Werkzeug hands a direct_passthrough body to the server as it is, with
     # no encoding or closing wrapper.
     response.direct_passthrough = passthrough
