@@ -34,6 +34,7 @@ __all__ = [
     "call_later",
     "cooperative",
     "current_task",
+    "deferrer",
     "direct_writer",
     "in_gevent",
     "install_term_handler",
@@ -172,6 +173,24 @@ class _GreenWaker:
             self._waiter = None
             if timer is not None:
                 timer.close()
+
+
+class _Deferrer:
+    """Runs a fan-out in the hub of the publishing greenlet's thread, once
+    the publisher yields (see ``broker._Fanout``)."""
+
+    __slots__ = ()
+
+    ident = staticmethod(_os_thread_ident)
+
+    def __call__(self, func: t.Callable[[], None]) -> bool:
+        if greenlet.getcurrent().parent is None:
+            return False
+        gevent.get_hub().loop.run_callback(func)
+        return True
+
+
+deferrer = _Deferrer()
 
 
 def sleep(seconds: float) -> None:

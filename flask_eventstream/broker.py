@@ -98,6 +98,20 @@ class Waker(t.Protocol):
     def wait(self, timeout: float | None = None) -> bool: ...
 
 
+class Deferrer(t.Protocol):
+    """Runs a fan-out later in the current thread's event loop, so that the
+    events published until then go out together."""
+
+    def ident(self) -> int:
+        """The current OS thread."""
+        ...
+
+    def __call__(self, func: t.Callable[[], None]) -> bool:
+        """Schedule ``func`` soon in this thread's loop; ``False`` when this
+        thread has none (the fan-out then happens at once)."""
+        ...
+
+
 class Backend(t.Protocol):
     """What a broker needs from the engine behind it."""
 
@@ -162,7 +176,8 @@ class Subscription:
         self.woken = False
         #: While the subscriber waits with nothing queued, a callable that
         #: writes a frame straight to its client and returns whether it took
-        #: the frame (see ``Connection.next_frame``); ``None`` otherwise.
+        #: it (see ``Connection.next_frame``); ``None`` otherwise. Only a
+        #: deferred fan-out (:class:`Deferrer`) uses it.
         self.send: t.Callable[[Frame], bool] | None = None
         # A list, not a deque: an idle subscriber's empty list is 56 bytes,
         # an empty deque about 600. drain() takes a slice and deletes it,
@@ -181,11 +196,6 @@ class Subscription:
         floor = self.floor
         if floor is not None and frame.key is not None and frame.key <= floor:
             return
-        send = self.send
-        if send is not None:
-            if send(frame):
-                return
-            self.send = None
         queue = self._queue
         if len(queue) >= self._limit:
             # Cut off: release the backlog now; the client resumes from
@@ -274,16 +284,59 @@ class _Fanout:
     a coroutine check, a result tuple) out of the per-delivery cost. A dict
     makes adding and removing O(1); delivery iterates a snapshot of its keys
     (one C-level copy), so a thread may subscribe while another publishes.
+
+    With a :class:`Deferrer`, frames published in an event loop's thread are
+    collected and fanned out once the publisher yields to the loop: the
+    frames of every publish until then go to each subscriber as one frame,
+    and a subscriber that waits with nothing queued gets it through its
+    ``send`` (straight to its client, no wake-up); the others get each frame
+    through :meth:`Subscription.deliver`, in order.
     """
 
-    __slots__ = ("subs",)
+    __slots__ = ("subs", "defer", "_pending", "_thread")
 
-    def __init__(self) -> None:
+    def __init__(self, defer: Deferrer | None = None) -> None:
         self.subs: dict[Subscription, None] = {}
+        self.defer = defer
+        self._pending: list[Frame] | None = None
+        self._thread = 0
 
     def __call__(self, sender: str, frame: Frame) -> None:
+        defer = self.defer
+        if defer is not None:
+            thread = defer.ident()
+            pending = self._pending
+            if pending is not None:
+                if self._thread == thread:
+                    pending.append(frame)
+                    return
+            elif defer(self._flush):
+                self._pending = [frame]
+                self._thread = thread
+                return
         for sub in tuple(self.subs):
             sub.deliver(frame)
+
+    def _flush(self) -> None:
+        frames = self._pending
+        self._pending = None
+        if not frames:
+            return
+        if len(frames) == 1:
+            frame = frames[0]
+        else:
+            frame = Frame(b"".join([f.data for f in frames]), frames[-1].key)
+        first = frames[0].key
+        for sub in tuple(self.subs):
+            send = sub.send
+            if send is not None:
+                floor = sub.floor
+                if (floor is None or (first is not None and first > floor)) and send(
+                    frame
+                ):
+                    continue
+            for f in frames:
+                sub.deliver(f)
 
 
 class Broker:
@@ -294,6 +347,8 @@ class Broker:
     :param max_event_size: largest encoded event in bytes.
     :param on_delivered: called as ``on_delivered(channel, event)`` once per
         event delivered to this process (for the public signal).
+    :param defer: lets a fan-out wait for the publisher to yield to its event
+        loop (see :class:`_Fanout`).
     """
 
     def __init__(
@@ -303,8 +358,10 @@ class Broker:
         queue_size: int = 1000,
         max_event_size: int = 1 << 20,
         on_delivered: t.Callable[[str, Event], None] | None = None,
+        defer: Deferrer | None = None,
     ) -> None:
         self._signal = Signal("eventstream.deliver")
+        self._defer = defer
         self._lock = threading.Lock()
         self._fanouts: dict[str, _Fanout] = {}
         self.queue_size = queue_size
@@ -340,7 +397,7 @@ class Broker:
             for channel in sub.channels:
                 fanout = self._fanouts.get(channel)
                 if fanout is None:
-                    fanout = self._fanouts[channel] = _Fanout()
+                    fanout = self._fanouts[channel] = _Fanout(self._defer)
                     self._signal.connect(fanout, sender=channel, weak=False)
                 fanout.subs[sub] = None
 

@@ -138,6 +138,7 @@ class _State:
             queue_size=settings.queue_size,
             max_event_size=settings.max_event_size,
             on_delivered=on_delivered,
+            defer=_gevent.deferrer,
         )
 
     def _send_published(self, channel: str, event: Event) -> None:
