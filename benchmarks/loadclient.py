@@ -293,7 +293,8 @@ def close_all(streams: list[StreamProto]) -> None:
 class HttpConn(asyncio.Protocol):
     """A keep-alive HTTP/1.1 connection for POSTs, one request at a time."""
 
-    def __init__(self, group: int = 0) -> None:
+    def __init__(self, group: int = 0, port: int = 0) -> None:
+        self.port = port
         self.transport: asyncio.Transport | None = None
         self.buf = b""
         self.future: asyncio.Future[int] | None = None
@@ -328,6 +329,15 @@ class HttpConn(asyncio.Protocol):
             future.set_exception(ConnectionError("publisher connection lost"))
 
     async def post(self, path: str, body: bytes, timeout: float = 30.0) -> int:
+        if self.transport is None and self.port:
+            # Closed by the server while idle: a client would reconnect.
+            self.buf = b""
+            await asyncio.wait_for(
+                asyncio.get_running_loop().create_connection(
+                    lambda: self, "127.0.0.1", self.port
+                ),
+                10.0,
+            )
         if self.transport is None:
             raise ConnectionError("publisher connection closed")
         self.busy = True
@@ -354,7 +364,7 @@ async def open_publishers(port: int, count: int) -> list[HttpConn]:
     loop = asyncio.get_running_loop()
     conns = []
     for _ in range(count):
-        conn = HttpConn()
+        conn = HttpConn(port=port)
         await asyncio.wait_for(
             loop.create_connection(lambda c=conn: c, "127.0.0.1", port),  # type: ignore[misc]
             10.0,
@@ -416,7 +426,7 @@ async def publish_schedule(
         pool = [c for c in conns if c.group == group] or conns
         conn = None
         for _ in range(3000):  # at most 30 s for a connection to come free
-            conn = next((c for c in pool if not c.busy and c.transport), None)
+            conn = next((c for c in pool if not c.busy), None)
             if conn is not None:
                 break
             await asyncio.sleep(0.01)

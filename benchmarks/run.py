@@ -1,4 +1,4 @@
-"""Run the benchmark suite of issue 4: ``python -m benchmarks`` (add
+"""Run the benchmark suite: ``python -m benchmarks`` (add
 ``--quick`` while developing, ``--only NAME`` for one measurement).
 
 Each measurement starts its servers on free ports (the library's example app
@@ -595,6 +595,10 @@ class Suite:
                         f"/publish/{path}", lc.event_body(r, 0, time.time())
                     )
                     if status != 202 or not await col.wait_events(target, cfg.drain):
+                        self.say(
+                            f"unbatched: publish {status}, {col.events - target + served}"
+                            f" of {served} deliveries after {cfg.drain:g} s"
+                        )
                         complete = False
                         break
                 t1, c1, s1 = loop.time(), srv.cpu(), srv.system_cpu()
@@ -990,10 +994,13 @@ class Suite:
                 rec["library"] = await self._latency(
                     srv, n, "rfan", groups=2, classify=self._classifier(srv, redis)
                 )
+                self.say("Redis: server CPU per delivery, both regimes")
+                rec["cpu"] = await self._redis_cpu(srv, redis)
             finally:
                 srv.stop()
         finally:
             redis.stop()
+        await self._memory_cpu(rec)
         memory = self._memory_p99(n)
         if memory is None:
             self.say("no in-memory fan-out figure at this N in this run: measuring one")
@@ -1041,7 +1048,91 @@ class Suite:
             ("all p99 (ms)", lib["p99_ms"], memory, rec["ratio"]["p99_vs_memory_p99"]),
             ("completeness", lib["completeness"], None, None),
         ]
+        cpu = rec["cpu"]
+        for label, key, unit in (
+            ("unbatched", "us_per_delivery", "us"),
+            ("4 publishers", "cpu_s_per_100k", "s per 100k"),
+        ):
+            regime = "unbatched" if key == "us_per_delivery" else "throughput"
+            mine, mem = cpu[regime].get(key), cpu["memory"][regime].get(key)
+            rows.append(
+                (
+                    f"server CPU per delivery, {label} ({unit})",
+                    mine,
+                    mem,
+                    ratio(mine, mem),
+                )
+            )
+        rows.append(
+            (
+                "redis-server CPU per delivery, unbatched (us)",
+                cpu["unbatched"].get("redis_us_per_delivery"),
+                None,
+                None,
+            )
+        )
+        rows.append(
+            (
+                "deliveries/s, 4 publishers",
+                cpu["throughput"].get("deliveries_per_s"),
+                cpu["memory"]["throughput"].get("deliveries_per_s"),
+                ratio(
+                    cpu["throughput"].get("deliveries_per_s"),
+                    cpu["memory"]["throughput"].get("deliveries_per_s"),
+                ),
+            )
+        )
+        rec["ratio"]["cpu_per_delivery_throughput"] = ratio(
+            cpu["throughput"].get("cpu_s_per_100k"),
+            cpu["memory"]["throughput"].get("cpu_s_per_100k"),
+        )
+        rec["ratio"]["cpu_per_delivery_unbatched"] = ratio(
+            cpu["unbatched"].get("us_per_delivery"),
+            cpu["memory"]["unbatched"].get("us_per_delivery"),
+        )
         self.emit(rec, f"Redis: {n:,} streams on 2 workers", rows, headers)
+
+    async def _redis_cpu(
+        self, srv: servers.Server, redis: servers.RedisServer
+    ) -> dict[str, t.Any]:
+        """Server CPU per delivery on the Redis server, in both regimes, with
+        redis-server's own CPU beside it."""
+        cfg = self.cfg
+        r0 = procfs.cpu_seconds(redis.proc.pid)
+        unbatched = await self._unbatched(srv, cfg.unbatched_subscribers, "runb")
+        used = procfs.cpu_seconds(redis.proc.pid) - r0
+        unbatched.pop("sample", None)
+        # Warm-up events included: an upper bound.
+        deliveries = cfg.rounds * cfg.unbatched_events * unbatched["served"]
+        unbatched["redis_us_per_delivery"] = (
+            round(used / deliveries * 1e6, 3) if deliveries else None
+        )
+        throughput = await self._throughput(srv, "rtput")
+        return {"unbatched": unbatched, "throughput": throughput}
+
+    async def _memory_cpu(self, rec: dict[str, t.Any]) -> None:
+        """The in-memory single worker's figures of this run for the same
+        regimes (measured now if the run did not include them)."""
+        memory: dict[str, t.Any] = {}
+        for regime in ("unbatched", "throughput"):
+            found = next(
+                (r for r in self.results if r.get("measurement") == regime), None
+            )
+            if found is not None and "library" in found:
+                memory[regime] = found["library"]
+                continue
+            self.say(f"no in-memory {regime} figure in this run: measuring one")
+            srv = self.start("library")
+            try:
+                if regime == "unbatched":
+                    res = await self._unbatched(srv, self.cfg.unbatched_subscribers)
+                    res.pop("sample", None)
+                else:
+                    res = await self._throughput(srv)
+            finally:
+                srv.stop()
+            memory[regime] = res
+        rec.setdefault("cpu", {})["memory"] = memory
 
     def _redis_unavailable(
         self, rec: dict[str, t.Any], reason: str, detail: list[str] | None = None
@@ -1336,7 +1427,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     print(
         report.table(
-            "targets (issue 4)",
+            "targets",
             target_rows,
             ("target", "measured", "status", "unit / note"),
         )

@@ -22,6 +22,9 @@ Extra routes:
 ``POST /bulk/<channel>?n=N&batch=B&size=S``
     Publishes N events of about S bytes, yielding to the hub every B
     events; returns the first and last ids and the seconds it took.
+``GET /writers``
+    ``{"direct": N, "server": M}``: open streams whose frames are written
+    straight to their socket, and those the server writes.
 """
 
 from __future__ import annotations
@@ -82,6 +85,19 @@ def create_app(config: t.Mapping[str, t.Any] | None = None) -> Flask:
                 yield None
         finally:
             _count("sleep_finally")
+
+    @app.get("/writers")
+    def writers() -> t.Any:
+        from flask import current_app
+
+        state = current_app.extensions["eventstream"]
+        state = getattr(state, "state", state)
+        direct = sum(
+            1
+            for conn in list(state.live)
+            if conn.writer is not None and conn.writer.ready()
+        )
+        return jsonify(direct=direct, server=len(state.live) - direct)
 
     @app.get("/counters")
     def counters() -> t.Any:
