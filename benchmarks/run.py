@@ -595,9 +595,10 @@ class Suite:
                         f"/publish/{path}", lc.event_body(r, 0, time.time())
                     )
                     if status != 202 or not await col.wait_events(target, cfg.drain):
+                        got = col.events - target + served
                         self.say(
-                            f"unbatched: publish {status}, {col.events - target + served}"
-                            f" of {served} deliveries after {cfg.drain:g} s"
+                            f"unbatched: publish {status}, {got} of {served}"
+                            f" deliveries after {cfg.drain:g} s"
                         )
                         complete = False
                         break
