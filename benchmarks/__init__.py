@@ -1,1 +1,1 @@
-"""The benchmark suite of issue 4: ``python -m benchmarks`` (see README.md)."""
+"""The benchmark suite: ``python -m benchmarks`` (see README.md)."""

@@ -1,4 +1,4 @@
-"""Quick measurements of the core on one gevent worker (issue 2's figures).
+"""Quick measurements of the core on one gevent worker (the core's own figures).
 
 Starts ``gunicorn -k gevent -w 1 'tests.apps.streams:create_app()'`` (the
 example app plus a bulk-publish route; in-memory broker, heartbeat 60 s so

@@ -1,4 +1,4 @@
-"""Quick figures for the Redis backend (issue 3)::
+"""Quick figures for the Redis backend::
 
     python -m benchmarks.redis_quick [--events 1000] [--streams 200] [--json PATH]
 

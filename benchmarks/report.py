@@ -1,4 +1,4 @@
-"""Readable tables, the targets, and the Markdown summary."""
+"""Readable tables, the performance targets, and the Markdown summary."""
 
 from __future__ import annotations
 

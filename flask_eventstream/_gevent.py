@@ -323,20 +323,21 @@ def watch_disconnect(
     return stop
 
 
-class _Stream(t.Protocol):
+class _WriteTiming(t.Protocol):
     last_write: float
-    waker: Waker
+
+
+class _Stream(t.Protocol):
+    @property
+    def timing(self) -> _WriteTiming: ...
+    @property
+    def waker(self) -> Waker: ...
 
 
 #: Versions whose internals :func:`direct_writer` relies on were checked
 #: (the attributes it reads are checked again on every response).
 _GUNICORN_MAJORS = frozenset({22, 23, 24, 25, 26, 27})
 _GEVENT_MAJORS = frozenset({23, 24, 25, 26})
-
-
-import os as _os  # noqa: E402  DEV ONLY
-
-_DEV_OFF = _os.environ.get("EVENTSTREAM_DEV_DIRECT") == "0"
 
 
 def _major(module: t.Any) -> int | None:
@@ -362,7 +363,7 @@ def direct_writer(owner: t.Any, stream: _Stream) -> _Writer | None:
     server or version, a middleware's ``start_response``, TLS, HTTP/2, an
     HTTP/1.0 client) gets ``None``: the server writes every frame.
     """
-    if owner is None or _DEV_OFF:
+    if owner is None:
         return None
     cls = type(owner)
     gunicorn_wsgi = sys.modules.get("gunicorn.http.wsgi")
@@ -439,7 +440,7 @@ class _Writer:
             # stream's greenlet, waits or fails as it always does.
             return False
         stream = self.stream
-        stream.last_write = time.monotonic()
+        stream.timing.last_write = time.monotonic()
         self._count(len(data), sent)
         if sent < len(wire):
             self.pending = wire[sent:]
@@ -452,7 +453,7 @@ class _Writer:
         if pending:
             self.sock.sendall(pending)
             self._count(0, len(pending))
-            self.stream.last_write = time.monotonic()
+            self.stream.timing.last_write = time.monotonic()
 
 
 class _GunicornWriter(_Writer):
@@ -492,17 +493,24 @@ class _PyWSGIWriter(_Writer):
         self.owner.response_length += wire
 
 
-class _Watched(t.Protocol):
+class _Timing(t.Protocol):
     #: monotonic time a write started, or None when not writing.
     writing_since: float | None
-    send_timeout: float
-    waker: Waker
-
-    def on_send_timeout(self) -> None: ...
 
     def due(self, now: float) -> bool:
         """Whether a heartbeat or the end of its lifetime is due."""
         ...
+
+    def send_timed_out(self, now: float) -> bool: ...
+
+
+class _Watched(t.Protocol):
+    @property
+    def timing(self) -> _Timing: ...
+    @property
+    def waker(self) -> Waker: ...
+
+    def on_send_timeout(self) -> None: ...
 
 
 class Watchdog:
@@ -535,11 +543,11 @@ class Watchdog:
             gevent.sleep(self._tick)
             now = time.monotonic()
             for stream in list(self._streams):
-                since = stream.writing_since
-                if since is None:
-                    if stream.due(now):
+                timing = stream.timing
+                if timing.writing_since is None:
+                    if timing.due(now):
                         stream.waker.set()
-                elif now - since > stream.send_timeout:
+                elif timing.send_timed_out(now):
                     self._streams.discard(stream)
                     stream.on_send_timeout()
 

@@ -1,10 +1,13 @@
 """Channels, subscriptions and local fan-out, independent of Flask and gevent.
 
 A :class:`Broker` belongs to one application on one process. Its backend (in
-memory, or Redis) assigns ids, keeps history and brings events in; the broker
-hands each event's bytes, encoded once, to every local subscriber through a
-blinker signal whose sender is the channel name. Receivers only append to a
-bounded queue and wake the subscriber: nothing on the publishing side blocks.
+memory, or Redis) assigns ids, keeps history and brings events in through
+one narrow :class:`Sink`; the broker hands each event's bytes, encoded once,
+to every local subscriber of its channel (one :class:`Registry` per broker
+says who). Delivery only appends to a bounded queue and wakes the
+subscriber: nothing on the publishing side blocks. The application's
+receivers run after that, never under a lock of the library, so that a
+receiver may publish in turn.
 """
 
 from __future__ import annotations
@@ -15,14 +18,19 @@ import typing as t
 
 from blinker import Signal
 
+from .observe import Observer
 from .sse import encode
 from .sse import Event
 
 __all__ = [
+    "Backend",
     "Broker",
     "Frame",
+    "Registry",
+    "Sink",
     "Subscription",
     "Waker",
+    "encode_frame",
     "format_id",
     "parse_id",
     "validate_channel",
@@ -112,6 +120,24 @@ class Deferrer(t.Protocol):
         ...
 
 
+class Sink(t.Protocol):
+    """How a backend hands events back to the broker of its process: the only
+    way it reaches the broker. The broker calls the backend
+    (:class:`Backend`); the backend never calls anything else of the broker,
+    and changes a subscription only through the subscription's own methods
+    (:meth:`Subscription.start`, :meth:`Subscription.cut_off`)."""
+
+    def deliver(self, channel: str, frame: Frame, event: Event) -> None:
+        """Hand ``frame`` to the live local subscribers of ``channel``, then
+        tell the application that ``event`` arrived. Runs the application's
+        receivers: call it holding no lock, once per event, in id order."""
+        ...
+
+    def subscribers(self, channel: str) -> tuple[Subscription, ...]:
+        """The live local subscribers of ``channel``."""
+        ...
+
+
 class Backend(t.Protocol):
     """What a broker needs from the engine behind it."""
 
@@ -120,13 +146,30 @@ class Backend(t.Protocol):
         ...
 
     def attach(self, sub: Subscription, last: Key | None) -> None:
-        """Register ``sub`` for live events and queue what it missed after
-        ``last`` (with a reset marker if that cannot be done exactly)."""
+        """Start ``sub`` (:meth:`Subscription.start`), now or soon, with what
+        it missed after ``last`` (with a reset marker if that cannot be done
+        exactly) and the floor under which live events are already its."""
         ...
 
-    def detach(self, sub: Subscription) -> None: ...
+    def detach(self, sub: Subscription) -> None:
+        """Forget ``sub`` (it closed, perhaps before it started)."""
+        ...
 
     def close(self) -> None: ...
+
+
+def encode_frame(event: Event, key: Key | None, max_size: int) -> Frame:
+    """Encode ``event`` once and check its size.
+
+    :raises ValueError: if it exceeds ``max_size`` bytes.
+    """
+    data = encode(event)
+    if len(data) > max_size:
+        raise ValueError(
+            f"Encoded event is {len(data)} bytes, more than"
+            f" EVENTSTREAM_MAX_EVENT_SIZE ({max_size})."
+        )
+    return Frame(data, key)
 
 
 #: A callable that drives iteration of a subscription; views install one that
@@ -149,6 +192,8 @@ class Subscription:
         "floor",
         "overflowed",
         "closed",
+        "started",
+        "resuming",
         "woken",
         "send",
         "_queue",
@@ -171,13 +216,17 @@ class Subscription:
         self.floor: Key | None = None
         self.overflowed = False
         self.closed = False
+        #: Registered for live frames (by :meth:`start`).
+        self.started = False
+        #: The client asked to resume from an id.
+        self.resuming = False
         #: Set when the waker was set for frames not yet drained; spares a
         #: wake-up per event for a subscriber that is already awake.
         self.woken = False
         #: While the subscriber waits with nothing queued, a callable that
         #: writes a frame straight to its client and returns whether it took
-        #: it (see ``Connection.next_frame``); ``None`` otherwise. Only a
-        #: deferred fan-out (:class:`Deferrer`) uses it.
+        #: it (see :meth:`.Connection.wait`); ``None`` otherwise. Only a
+        #: deferred fan-out (:class:`_Fanout`) uses it.
         self.send: t.Callable[[Frame], bool] | None = None
         # A list, not a deque: an idle subscriber's empty list is 56 bytes,
         # an empty deque about 600. drain() takes a slice and deletes it,
@@ -209,25 +258,58 @@ class Subscription:
             self.woken = True
             self._waker.set()
 
-    def replay(self, frames: list[Frame]) -> None:
-        """Queue missed frames ahead of any live ones, as one chunk."""
-        if not frames:
+    def start(
+        self, frames: list[Frame], floor: Key | None, reset: str | None = None
+    ) -> None:
+        """Queue the missed ``frames`` ahead of any live ones, as one chunk,
+        and register for live frames newer than ``floor`` (and than the
+        replay). The backend calls this once, when it knows what was missed;
+        ``reset`` is the reason of the reset among ``frames``, if any."""
+        if self.closed or self.started:
             return
-        key = frames[-1].key
-        queue = self._queue
-        if key is not None:
-            self.floor = key
-            queue[:] = [f for f in queue if f.key is None or f.key > key]
-        queue.insert(0, Frame(b"".join([f.data for f in frames]), key))
-        self.woken = True
+        if self.resuming:
+            self.broker.observer.resumed(self.channels, reset or "exact")
+        if frames:
+            key = frames[-1].key
+            queue = self._queue
+            if key is not None:
+                self.floor = key
+                queue[:] = [f for f in queue if f.key is None or f.key > key]
+            queue.insert(0, Frame(b"".join([f.data for f in frames]), key))
+            self.woken = True
+            self._waker.set()
+        if floor is not None and (self.floor is None or self.floor < floor):
+            self.floor = floor
+        self.started = True
+        self.broker.registry.add(self)
+
+    def cut_off(self) -> None:
+        """End the subscription as if it fell behind: it missed events that
+        cannot be sent any more, and resumes (and is told) when it reconnects."""
+        self.overflowed = True
+        self.broker.registry.discard(self)
         self._waker.set()
 
     # -- subscriber side --
 
+    def take(self) -> Frame | None:
+        """Take everything queued, after clearing the waker: ``None`` when
+        nothing is queued or the subscription was cut off."""
+        self.woken = False
+        self._waker.clear()
+        if self.overflowed:
+            return None
+        return self.drain()
+
+    @property
+    def queued(self) -> tuple[Frame, ...]:
+        """The frames waiting to be taken."""
+        return tuple(self._queue)
+
     def drain(self) -> Frame | None:
         """Take everything queued as one frame, or ``None`` if empty.
 
-        The caller resets :attr:`woken` and clears the waker first."""
+        :meth:`take` clears the waker first."""
         queue = self._queue
         n = len(queue)
         if n == 0:
@@ -277,20 +359,19 @@ class Subscription:
 
 class _Fanout:
     """The blinker receiver of one channel: hands a frame to each of the
-    channel's local subscribers.
+    channel's local subscribers, and says to how many.
 
-    Blinker routes by channel (the sender); one receiver per channel rather
-    than per subscriber keeps blinker's per-receiver work (a generator step,
-    a coroutine check, a result tuple) out of the per-delivery cost. A dict
-    makes adding and removing O(1); delivery iterates a snapshot of its keys
-    (one C-level copy), so a thread may subscribe while another publishes.
+    One receiver per channel rather than per subscriber keeps blinker's
+    per-receiver work out of the per-delivery cost. A dict makes adding and
+    removing O(1); delivery iterates a snapshot of its keys (one C-level
+    copy), so a thread may subscribe while another publishes.
 
     With a :class:`Deferrer`, frames published in an event loop's thread are
     collected and fanned out once the publisher yields to the loop: the
-    frames of every publish until then go to each subscriber as one frame,
-    and a subscriber that waits with nothing queued gets it through its
-    ``send`` (straight to its client, no wake-up); the others get each frame
-    through :meth:`Subscription.deliver`, in order.
+    frames of every publish until then go to each subscriber as one frame;
+    a subscriber that waits with nothing queued takes it through its
+    ``send`` (straight to its client, without a wake-up), the others through
+    :meth:`Subscription.deliver`, frame by frame, in order.
     """
 
     __slots__ = ("subs", "defer", "_pending", "_thread")
@@ -301,7 +382,7 @@ class _Fanout:
         self._pending: list[Frame] | None = None
         self._thread = 0
 
-    def __call__(self, sender: str, frame: Frame) -> None:
+    def __call__(self, sender: str, frame: Frame) -> int:
         defer = self.defer
         if defer is not None:
             thread = defer.ident()
@@ -309,13 +390,15 @@ class _Fanout:
             if pending is not None:
                 if self._thread == thread:
                     pending.append(frame)
-                    return
+                    return len(self.subs)
             elif defer(self._flush):
                 self._pending = [frame]
                 self._thread = thread
-                return
-        for sub in tuple(self.subs):
+                return len(self.subs)
+        subs = tuple(self.subs)
+        for sub in subs:
             sub.deliver(frame)
+        return len(subs)
 
     def _flush(self) -> None:
         frames = self._pending
@@ -339,12 +422,66 @@ class _Fanout:
                 sub.deliver(f)
 
 
-class Broker:
-    """Local fan-out for one application on one process.
+class Registry:
+    """The live subscriptions of one broker, per channel: the only record of
+    who is subscribed to what, and the fan-out to them.
 
-    :param backend_factory: builds the backend, given this broker.
+    Events reach a channel's subscribers through a blinker signal whose
+    sender is the channel name; each channel with local subscribers has one
+    receiver (a :class:`_Fanout`), connected with its first subscriber and
+    disconnected with its last. Only this class connects or disconnects it.
+    """
+
+    __slots__ = ("_channels", "_lock", "_signal", "_defer")
+
+    def __init__(self, defer: Deferrer | None = None) -> None:
+        self._defer = defer
+        self._channels: dict[str, _Fanout] = {}
+        self._lock = threading.Lock()
+        self._signal = Signal("flask_eventstream.fanout")
+
+    def add(self, sub: Subscription) -> None:
+        with self._lock:
+            for channel in sub.channels:
+                fanout = self._channels.get(channel)
+                if fanout is None:
+                    fanout = self._channels[channel] = _Fanout(self._defer)
+                    self._signal.connect(fanout, sender=channel, weak=False)
+                fanout.subs[sub] = None
+
+    def discard(self, sub: Subscription) -> None:
+        with self._lock:
+            for channel in sub.channels:
+                fanout = self._channels.get(channel)
+                if fanout is None or sub not in fanout.subs:
+                    continue
+                del fanout.subs[sub]
+                if not fanout.subs:
+                    del self._channels[channel]
+                    self._signal.disconnect(fanout, sender=channel)
+
+    def send(self, channel: str, frame: Frame) -> int:
+        """Hand ``frame`` to every local subscriber of ``channel``; return
+        how many there were. Receivers only queue: this never blocks."""
+        if channel not in self._channels:
+            return 0
+        return sum(n for _, n in self._signal.send(channel, frame=frame))
+
+    def of(self, channel: str) -> tuple[Subscription, ...]:
+        fanout = self._channels.get(channel)
+        return tuple(fanout.subs) if fanout is not None else ()
+
+    def counts(self) -> dict[str, int]:
+        with self._lock:
+            return {name: len(f.subs) for name, f in self._channels.items()}
+
+
+class Broker:
+    """Local fan-out for one application on one process; the :class:`Sink`
+    of its backend.
+
+    :param backend_factory: builds the backend, given its sink (this broker).
     :param queue_size: frames buffered per subscriber before it is cut off.
-    :param max_event_size: largest encoded event in bytes.
     :param on_delivered: called as ``on_delivered(channel, event)`` once per
         event delivered to this process (for the public signal).
     :param defer: lets a fan-out wait for the publisher to yield to its event
@@ -353,70 +490,41 @@ class Broker:
 
     def __init__(
         self,
-        backend_factory: t.Callable[[Broker], Backend],
+        backend_factory: t.Callable[[Sink], Backend],
         *,
         queue_size: int = 1000,
-        max_event_size: int = 1 << 20,
         on_delivered: t.Callable[[str, Event], None] | None = None,
         defer: Deferrer | None = None,
     ) -> None:
-        self._signal = Signal("eventstream.deliver")
-        self._defer = defer
-        self._lock = threading.Lock()
-        self._fanouts: dict[str, _Fanout] = {}
+        self.registry = Registry(defer)
+        #: Told of every publish and delivery (see :mod:`.observe`).
+        self.observer = Observer()
         self.queue_size = queue_size
-        self.max_event_size = max_event_size
         self.on_delivered = on_delivered
         self.backend = backend_factory(self)
 
-    # -- called by backends --
+    # -- the sink --
 
-    def encode(self, event: Event, key: Key | None) -> Frame:
-        """Encode ``event`` once and check its size.
-
-        :raises ValueError: if it exceeds the configured maximum.
-        """
-        data = encode(event)
-        if len(data) > self.max_event_size:
-            raise ValueError(
-                f"Encoded event is {len(data)} bytes, more than"
-                f" EVENTSTREAM_MAX_EVENT_SIZE ({self.max_event_size})."
-            )
-        return Frame(data, key)
-
-    def fanout(self, channel: str, frame: Frame, event: Event) -> None:
-        """Hand ``frame`` to every local subscriber of ``channel``."""
-        if channel in self._fanouts:
-            self._signal.send(channel, frame=frame)
+    def deliver(self, channel: str, frame: Frame, event: Event) -> None:
+        count = self.registry.send(channel, frame)
+        self.observer.delivered(channel, event, count)
         if self.on_delivered is not None:
             self.on_delivered(channel, event)
 
-    def connect(self, sub: Subscription) -> None:
-        """Register ``sub`` for live frames (backends call this in attach)."""
-        with self._lock:
-            for channel in sub.channels:
-                fanout = self._fanouts.get(channel)
-                if fanout is None:
-                    fanout = self._fanouts[channel] = _Fanout(self._defer)
-                    self._signal.connect(fanout, sender=channel, weak=False)
-                fanout.subs[sub] = None
-
-    def disconnect(self, sub: Subscription) -> None:
-        with self._lock:
-            for channel in sub.channels:
-                fanout = self._fanouts.get(channel)
-                if fanout is None or sub not in fanout.subs:
-                    continue
-                del fanout.subs[sub]
-                if not fanout.subs:
-                    del self._fanouts[channel]
-                    self._signal.disconnect(fanout, sender=channel)
+    def subscribers(self, channel: str) -> tuple[Subscription, ...]:
+        return self.registry.of(channel)
 
     # -- the API --
 
     def publish(self, channel: str, event: Event) -> Event:
-        validate_channel(channel)
-        return self.backend.publish(channel, event)
+        try:
+            validate_channel(channel)
+            sent = self.backend.publish(channel, event)
+        except Exception as e:
+            self.observer.publish_failed(channel, e)
+            raise
+        self.observer.published(channel, sent)
+        return sent
 
     def subscribe(
         self,
@@ -431,16 +539,19 @@ class Broker:
             validate_channel(channel)
         channels = tuple(dict.fromkeys(channels))
         sub = Subscription(self, channels, waker, self.queue_size, follow)
+        sub.resuming = last_id is not None
         self.backend.attach(sub, parse_id(last_id))
         return sub
 
     def detach(self, sub: Subscription) -> None:
+        # The backend first: one that is starting ``sub`` meanwhile has
+        # registered it by the time it lets go.
         self.backend.detach(sub)
+        self.registry.discard(sub)
 
     def channels(self) -> dict[str, int]:
         """``{channel: local subscriber count}``."""
-        with self._lock:
-            return {name: len(f.subs) for name, f in self._fanouts.items()}
+        return self.registry.counts()
 
     def close(self) -> None:
         self.backend.close()

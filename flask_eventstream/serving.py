@@ -50,9 +50,9 @@ def run(
     server = make_server(app, host, port, **kwargs)
 
     def stop() -> None:
-        state = app.extensions.get("eventstream")
-        if state is not None:
-            state.owner.shutdown()
+        stream = app.extensions.get("eventstream")
+        if stream is not None:
+            stream.shutdown()
         gevent.spawn(server.stop, timeout=stop_timeout)
 
     handlers = [

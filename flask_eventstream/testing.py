@@ -14,45 +14,26 @@ from __future__ import annotations
 import time
 import typing as t
 
+from .connection import Connection
+from .connection import find_connection
 from .sse import EventParser
 from .sse import parse
 from .sse import ReceivedEvent
-from .views import Connection
-from .views import ENVIRON_KEY
 
-__all__ = ["EventParser", "ReceivedEvent", "parse", "read_events"]
+__all__ = ["EventParser", "ReceivedEvent", "connection", "parse", "read_events"]
 
 
-def _connection(response: t.Any) -> Connection | None:
-    """The stream behind a test-client response, if it is one.
+def connection(response: t.Any) -> Connection | None:
+    """The stream behind a test-client response, if it is one: to end it
+    (:meth:`~flask_eventstream.connection.Connection.end`), give it a
+    deadline (:meth:`~flask_eventstream.connection.Connection.set_deadline`)
+    or look at its subscriptions.
 
-    Werkzeug's test client runs the app with a copy of the request's environ,
-    so the connection is looked for in the response's close callbacks (the
-    stream registers :meth:`Connection.release` with ``call_on_close``), and
-    in the environ for clients that do not copy it.
+    .. versionadded:: 0.2
     """
     request = getattr(response, "request", None)
-    environ = getattr(request, "environ", None) or {}
-    conn = environ.get(ENVIRON_KEY)
-    if isinstance(conn, Connection):
-        return conn
-    todo: list[t.Any] = [getattr(response, "response", None)]
-    seen: set[int] = set()
-    while todo and len(seen) < 50:
-        obj = todo.pop()
-        if obj is None or id(obj) in seen:
-            continue
-        seen.add(id(obj))
-        if isinstance(obj, Connection):
-            return obj
-        owner = getattr(obj, "__self__", None)
-        if owner is not None:
-            todo.append(owner)
-        for name in ("_callbacks", "_on_close"):
-            callbacks = getattr(obj, name, None)
-            if isinstance(callbacks, list):
-                todo.extend(callbacks)
-    return None
+    environ = getattr(request, "environ", None)
+    return find_connection(environ) if environ is not None else None
 
 
 def read_events(
@@ -67,7 +48,7 @@ def read_events(
     :raises TimeoutError: if fewer than ``count`` events arrived in time; the
         message lists those that did.
     """
-    conn = _connection(response)
+    conn = connection(response)
     if conn is not None:
         conn.set_deadline(time.monotonic() + timeout)
     deadline = time.monotonic() + timeout

@@ -14,7 +14,7 @@ import typing as t
 import pytest
 
 from flask_eventstream.broker import Subscription
-from flask_eventstream.views import Connection
+from flask_eventstream.connection import Connection
 
 pytest_plugins = [
     "tests.support.servers",

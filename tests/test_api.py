@@ -43,7 +43,7 @@ def test_all_is_complete_and_sorted() -> None:
         assert getattr(flask_eventstream, name) is not None
 
 
-def test_spec_names_are_public() -> None:
+def test_documented_names_are_public() -> None:
     from flask_eventstream import Event  # noqa: F401
     from flask_eventstream import EventStream  # noqa: F401
     from flask_eventstream import eventstream  # noqa: F401
@@ -82,18 +82,19 @@ def test_submodule_all_names_exist(module: str) -> None:
         assert hasattr(mod, name), f"{module}.{name}"
 
 
-def test_testing_module_exposes_the_spec_helpers() -> None:
+def test_testing_module_exposes_the_documented_helpers() -> None:
     from flask_eventstream import testing
 
     assert set(testing.__all__) == {
         "EventParser",
         "ReceivedEvent",
+        "connection",
         "parse",
         "read_events",
     }
 
 
-def test_signals_module_exposes_the_spec_signals() -> None:
+def test_signals_module_exposes_the_documented_signals() -> None:
     from flask_eventstream import signals
 
     assert set(signals.__all__) == {
@@ -157,6 +158,14 @@ def test_sse_imports_only_the_standard_library() -> None:
     )
 
 
+def test_timing_imports_only_the_standard_library() -> None:
+    _run_blocked(
+        "flask_eventstream.timing",
+        FRAMEWORKS,
+        "assert m.Timing(0.0, 15, 30).heartbeat_due(15.0)",
+    )
+
+
 def test_broker_and_memory_backend_need_only_blinker() -> None:
     _run_blocked(
         "flask_eventstream.backends.memory",
@@ -206,7 +215,8 @@ def _importers(*packages: str) -> set[str]:
 
 
 def test_only_the_redis_backend_imports_redis() -> None:
-    assert _importers("redis") <= {"backends/redis.py"}
+    importers = _importers("redis")
+    assert importers and all(p.startswith("backends/redis/") for p in importers)
 
 
 def test_only_gevent_modules_import_gevent() -> None:
@@ -215,7 +225,7 @@ def test_only_gevent_modules_import_gevent() -> None:
 
 
 def test_only_the_flask_layer_imports_flask() -> None:
-    allowed = {"extension.py", "request.py", "views.py", "testing.py"}
+    allowed = {"extension.py", "request.py", "views.py", "cli.py", "testing.py"}
     assert _importers("flask", "werkzeug", "click") <= allowed
     assert {"extension.py", "views.py"} <= _importers("flask")
 
@@ -235,3 +245,115 @@ def test_import_scan_sees_lazy_imports(tmp_path: pathlib.Path) -> None:
         "    from gevent import sleep\n"
     )
     assert _imports(source) == {"redis", "gevent"}
+
+
+# -- imports point one way --
+
+
+def _module_name(path: pathlib.Path, root: pathlib.Path) -> str:
+    parts = list(path.relative_to(root.parent).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def import_graph(root: pathlib.Path) -> dict[str, set[str]]:
+    """``{module: package modules it imports}`` for every module under the
+    package directory ``root``, counting imports inside functions and under
+    ``if TYPE_CHECKING:`` alike. Importing a package's submodule counts as
+    importing the submodule, not the package's ``__init__``."""
+    modules = {_module_name(path, root): path for path in sorted(root.rglob("*.py"))}
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        found: set[str] = set()
+        tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
+        for node in ast.walk(tree):
+            targets: list[str] = []
+            if isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                if node.level:
+                    base = package.split(".")
+                    base = base[: len(base) - node.level + 1]
+                    prefix = ".".join(base)
+                    module = f"{prefix}.{node.module}" if node.module else prefix
+                else:
+                    module = node.module or ""
+                # "from . import signals" imports the submodule signals.
+                targets = [
+                    f"{module}.{alias.name}"
+                    if f"{module}.{alias.name}" in modules
+                    else module
+                    for alias in node.names
+                ]
+            for target in targets:
+                while target and target not in modules:
+                    target = target.rpartition(".")[0]
+                if target and target != name:
+                    found.add(target)
+        graph[name] = found
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """A cycle of ``graph`` as a list of modules (first == last), or None."""
+    done: set[str] = set()
+
+    def visit(node: str, path: list[str]) -> list[str] | None:
+        if node in path:
+            return [*path[path.index(node) :], node]
+        if node in done:
+            return None
+        for child in sorted(graph.get(node, ())):
+            cycle = visit(child, [*path, node])
+            if cycle is not None:
+                return cycle
+        done.add(node)
+        return None
+
+    for start in sorted(graph):
+        cycle = visit(start, [])
+        if cycle is not None:
+            return cycle
+    return None
+
+
+def _package_imports_ignoring_init(graph: dict[str, set[str]]) -> dict[str, set[str]]:
+    # Every module imports its package's __init__ on the way (Python runs
+    # it first); only what the modules name counts. The package __init__
+    # re-exports the public names, so it may import anything.
+    return {
+        name: {m for m in deps if m != "flask_eventstream"}
+        for name, deps in graph.items()
+    }
+
+
+def test_the_package_has_no_import_cycle() -> None:
+    graph = _package_imports_ignoring_init(import_graph(PACKAGE))
+    assert "flask_eventstream.connection" in graph["flask_eventstream.views"]
+    cycle = find_cycle(graph)
+    assert cycle is None, "import cycle: " + " -> ".join(cycle or [])
+
+
+def test_the_cycle_check_finds_a_lazy_cycle(tmp_path: pathlib.Path) -> None:
+    # A module that imports one that imports it back inside a function is a
+    # cycle as much as two imports at the top.
+    root = tmp_path / "pkg"
+    (root / "sub").mkdir(parents=True)
+    (root / "__init__.py").write_text("")
+    (root / "a.py").write_text("from .sub import b\n")
+    (root / "sub" / "__init__.py").write_text("")
+    (root / "sub" / "b.py").write_text("def f():\n    from ..a import x\n")
+    (root / "c.py").write_text("from . import a\n")
+    graph = import_graph(root)
+    assert graph == {
+        "pkg": set(),
+        "pkg.a": {"pkg.sub.b"},
+        "pkg.c": {"pkg.a"},
+        "pkg.sub": set(),
+        "pkg.sub.b": {"pkg.a"},
+    }
+    assert find_cycle(graph) == ["pkg.a", "pkg.sub.b", "pkg.a"]
+    (root / "sub" / "b.py").write_text("def f():\n    return 1\n")
+    assert find_cycle(import_graph(root)) is None

@@ -30,7 +30,7 @@ def read_raw(response: t.Any, blocks: int) -> bytes:
 def publish(app: Flask) -> list[Event]:
     """Publish an event, then a comment-only block, an event type without
     data and empty data."""
-    stream = app.extensions["eventstream"].owner
+    stream = app.extensions["eventstream"]
     with app.app_context():
         return [
             stream.publish("quiet", "first"),

@@ -16,7 +16,7 @@ import flask_eventstream
 from flask_eventstream import serving
 from flask_eventstream import signals
 from flask_eventstream import testing
-from flask_eventstream.extension import Settings
+from flask_eventstream._state import Settings
 from tests.conftest import IN_CI
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent

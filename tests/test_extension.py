@@ -17,14 +17,16 @@ from flask_eventstream import Event
 from flask_eventstream import EventStream
 from flask_eventstream import eventstream
 from flask_eventstream import signals
+from flask_eventstream._state import state_for
 from flask_eventstream.broker import Frame
 from flask_eventstream.broker import parse_id
 from flask_eventstream.broker import Subscription
 from flask_eventstream.testing import parse
 from flask_eventstream.testing import read_events
 from flask_eventstream.testing import ReceivedEvent
+from tests.support.servers import make_app
 
-SPEC_DEFAULTS = {
+DOCUMENTED_DEFAULTS = {
     "EVENTSTREAM_REDIS_URL": None,
     "EVENTSTREAM_HEARTBEAT": 15,
     "EVENTSTREAM_RETRY": 3000,
@@ -37,25 +39,8 @@ SPEC_DEFAULTS = {
 }
 
 
-def stream_app(ext: EventStream | None = None, **config: t.Any) -> Flask:
-    """An app with a subscription route ``/s?c=a&c=b``."""
-    app = Flask(__name__)
-    app.config.update(config)
-    ext = ext or EventStream()
-    ext.init_app(app)
-
-    @app.get("/s")
-    @eventstream
-    def s() -> t.Any:
-        from flask import request
-
-        return ext.subscribe(*request.args.getlist("c"))
-
-    return app
-
-
 def ext_of(app: Flask) -> EventStream:
-    return t.cast(EventStream, app.extensions["eventstream"].owner)
+    return t.cast(EventStream, app.extensions["eventstream"])
 
 
 @contextlib.contextmanager
@@ -71,7 +56,7 @@ def subscriptions(
 
 
 def queued(sub: Subscription) -> list[Frame]:
-    return list(sub._queue)
+    return list(sub.queued)
 
 
 def received(sub: Subscription) -> list[ReceivedEvent]:
@@ -85,9 +70,8 @@ def received(sub: Subscription) -> list[ReceivedEvent]:
 def test_app_passed_to_the_constructor() -> None:
     app = Flask(__name__)
     ext = EventStream(app)
-    state = app.extensions["eventstream"]
-    assert state.owner is ext
-    assert state.app is app
+    assert app.extensions["eventstream"] is ext
+    assert state_for(app).app is app
 
 
 def test_init_app_in_an_app_factory() -> None:
@@ -99,17 +83,17 @@ def test_init_app_in_an_app_factory() -> None:
         return app
 
     app = create_app()
-    assert app.extensions["eventstream"].owner is ext
+    assert app.extensions["eventstream"] is ext
     with app.app_context():
         sent = ext.publish("lobby", "hi")
     assert sent.id is not None and parse_id(sent.id) is not None
 
 
-def test_config_defaults_are_the_spec_table() -> None:
+def test_config_defaults_are_the_documented_table() -> None:
     app = Flask(__name__)
     EventStream(app)
-    assert {k: app.config[k] for k in SPEC_DEFAULTS} == SPEC_DEFAULTS
-    settings = app.extensions["eventstream"].settings
+    assert {k: app.config[k] for k in DOCUMENTED_DEFAULTS} == DOCUMENTED_DEFAULTS
+    settings = state_for(app).settings
     assert settings.heartbeat == 15
     assert settings.retry == 3000
     assert settings.redis_url is None
@@ -122,9 +106,9 @@ def test_app_config_wins_over_defaults_and_is_read_at_init_app() -> None:
     app.config.update(EVENTSTREAM_RETRY=500, EVENTSTREAM_HISTORY=0)
     EventStream(app)
     assert app.config["EVENTSTREAM_RETRY"] == 500
-    settings = app.extensions["eventstream"].settings
+    settings = state_for(app).settings
     assert (settings.retry, settings.history, settings.queue_size) == (500, 0, 1000)
-    assert app.extensions["eventstream"].retry_bytes == b"retry: 500\n\n"
+    assert state_for(app).retry_bytes == b"retry: 500\n\n"
 
 
 @pytest.mark.parametrize(
@@ -159,17 +143,14 @@ def test_double_init_app_says_what_to_do() -> None:
     assert "init_app once" in str(info.value)
     with pytest.raises(RuntimeError, match="already registered"):
         EventStream(app)
-    assert app.extensions["eventstream"].owner is ext
+    assert app.extensions["eventstream"] is ext
 
 
 def test_two_apps_in_one_process_have_separate_brokers() -> None:
     ext = EventStream()
-    app1 = stream_app(ext)
-    app2 = stream_app(ext)
-    assert (
-        app1.extensions["eventstream"].broker
-        is not app2.extensions["eventstream"].broker
-    )
+    app1 = make_app(ext)[0]
+    app2 = make_app(ext)[0]
+    assert state_for(app1).broker is not state_for(app2).broker
     r1 = app1.test_client().get("/s?c=lobby", buffered=False)
     r2 = app2.test_client().get("/s?c=lobby", buffered=False)
     with app1.app_context():
@@ -194,7 +175,7 @@ def test_unregistered_app_is_a_clear_error() -> None:
 
 
 def test_publish_returns_the_event_with_its_id() -> None:
-    app = stream_app()
+    app = make_app()[0]
     ext = ext_of(app)
     with app.app_context():
         sent = ext.publish("lobby", {"text": "hi"}, event="chat")
@@ -209,7 +190,7 @@ def test_publish_returns_the_event_with_its_id() -> None:
 
 
 def test_publish_an_event_object_keeps_its_fields_but_not_its_id() -> None:
-    app = stream_app()
+    app = make_app()[0]
     ext = ext_of(app)
     with app.app_context(), subscriptions(ext, ("c",)) as [sub]:
         sent = ext.publish("c", Event("x", event="e", id="mine", retry=5))
@@ -224,7 +205,7 @@ def test_publish_an_event_object_keeps_its_fields_but_not_its_id() -> None:
 
 
 def test_publish_inside_a_request() -> None:
-    app = stream_app()
+    app = make_app()[0]
     ext = ext_of(app)
 
     @app.post("/send")
@@ -240,7 +221,7 @@ def test_publish_inside_a_request() -> None:
 
 
 def test_publish_in_an_app_context() -> None:
-    app = stream_app()
+    app = make_app()[0]
     ext = ext_of(app)
     response = app.test_client().get("/s?c=jobs", buffered=False)
     with app.app_context():
@@ -251,7 +232,7 @@ def test_publish_in_an_app_context() -> None:
 
 
 def test_publish_without_app_context_when_one_app_is_registered() -> None:
-    app = stream_app()
+    app = make_app()[0]
     ext = ext_of(app)
     response = app.test_client().get("/s?c=jobs", buffered=False)
     assert not has_app_context()
@@ -263,8 +244,8 @@ def test_publish_without_app_context_when_one_app_is_registered() -> None:
 
 def test_publish_without_app_context_and_several_apps_is_a_clear_error() -> None:
     ext = EventStream()
-    app1 = stream_app(ext)
-    app2 = stream_app(ext)
+    app1 = make_app(ext)[0]
+    app2 = make_app(ext)[0]
     with pytest.raises(RuntimeError, match="several apps") as info:
         ext.publish("x", 1)
     assert "app_context" in str(info.value)
@@ -281,7 +262,7 @@ def test_publish_without_any_app_or_redis_url_is_a_clear_error() -> None:
 
 
 def test_publish_from_another_thread_reaches_a_waiting_stream() -> None:
-    app = stream_app()
+    app = make_app()[0]
     ext = ext_of(app)
     response = app.test_client().get("/s?c=t", buffered=False)
 
@@ -317,7 +298,7 @@ def test_publish_from_another_thread_reaches_a_waiting_stream() -> None:
 def test_bad_publish_raises_and_sends_nothing(
     call: t.Callable[[EventStream], t.Any], error: type[Exception], match: str
 ) -> None:
-    app = stream_app()
+    app = make_app()[0]
     ext = ext_of(app)
     published: list[t.Any] = []
     with app.app_context(), subscriptions(ext, ("c",)) as [sub]:
@@ -331,7 +312,7 @@ def test_bad_publish_raises_and_sends_nothing(
 
 
 def test_valid_channel_names() -> None:
-    app = stream_app()
+    app = make_app()[0]
     ext = ext_of(app)
     names = ["a", "A-Z_0.9:x", "x" * 128, "private-room", "user:42"]
     with app.app_context(), subscriptions(ext, tuple(names)) as [sub]:
@@ -341,7 +322,7 @@ def test_valid_channel_names() -> None:
 
 
 def test_ids_increase_in_publish_order_per_channel() -> None:
-    app = stream_app()
+    app = make_app()[0]
     ext = ext_of(app)
     with app.app_context():
         ids = {"a": [], "b": []}  # type: dict[str, list[tuple[int, int]]]
@@ -357,7 +338,7 @@ def test_ids_increase_in_publish_order_per_channel() -> None:
 
 
 def test_ids_follow_publish_order_across_threads() -> None:
-    app = stream_app()
+    app = make_app()[0]
     ext = ext_of(app)
     with app.app_context(), subscriptions(ext, ("race",)) as [sub]:
 
@@ -394,7 +375,7 @@ def test_each_event_is_encoded_once_for_many_subscribers(
         return real_encode(event)
 
     monkeypatch.setattr(broker_module, "encode", counting_encode)
-    app = stream_app()
+    app = make_app()[0]
     ext = ext_of(app)
     with app.app_context(), subscriptions(ext, *[("fan",)] * 50) as subs:
         for i in range(3):
@@ -410,7 +391,7 @@ def test_each_event_is_encoded_once_for_many_subscribers(
 
 
 def test_subscribe_registers_at_once() -> None:
-    app = stream_app()
+    app = make_app()[0]
     ext = ext_of(app)
     with app.app_context():
         sub = ext.subscribe("eager")
@@ -451,7 +432,7 @@ def test_view_subscribes_then_sends_a_snapshot_without_missing_events() -> None:
 
 
 def test_subscribe_to_several_channels() -> None:
-    app = stream_app()
+    app = make_app()[0]
     ext = ext_of(app)
     response = app.test_client().get("/s?c=a&c=b", buffered=False)
     assert ext.stats() == {"connections": 1, "channels": {"a": 1, "b": 1}}
@@ -462,7 +443,7 @@ def test_subscribe_to_several_channels() -> None:
 
 
 def test_subscribe_to_the_same_channel_twice_delivers_once() -> None:
-    app = stream_app()
+    app = make_app()[0]
     ext = ext_of(app)
     with app.app_context(), subscriptions(ext, ("a", "a", "b")) as [sub]:
         assert sub.channels == ("a", "b")
@@ -473,7 +454,7 @@ def test_subscribe_to_the_same_channel_twice_delivers_once() -> None:
 
 
 def test_subscribe_validates_channels() -> None:
-    app = stream_app()
+    app = make_app()[0]
     ext = ext_of(app)
     with app.app_context():
         with pytest.raises(ValueError, match="channel"):
@@ -484,7 +465,7 @@ def test_subscribe_validates_channels() -> None:
 
 
 def test_stats_count_connections_and_channels_and_return_to_zero() -> None:
-    app = stream_app()
+    app = make_app()[0]
     ext = ext_of(app)
     client = app.test_client()
     assert ext.stats() == {"connections": 0, "channels": {}}
@@ -518,7 +499,7 @@ class Recorder:
 
 
 def test_event_published_is_sent_once_per_event_with_the_app() -> None:
-    app = stream_app()
+    app = make_app()[0]
     ext = ext_of(app)
     recorder = Recorder()
     with signals.event_published.connected_to(recorder):
@@ -536,7 +517,7 @@ def test_event_published_is_sent_once_per_event_with_the_app() -> None:
 
 
 def test_client_connected_and_disconnected() -> None:
-    app = stream_app()
+    app = make_app()[0]
     ext = ext_of(app)
     connected, disconnected = Recorder(), Recorder()
     with (
@@ -623,8 +604,8 @@ def test_no_connection_signals_for_a_request_that_never_streamed() -> None:
 
 def test_signals_of_another_app_are_not_received() -> None:
     ext = EventStream()
-    app1 = stream_app(ext)
-    app2 = stream_app(ext)
+    app1 = make_app(ext)[0]
+    app2 = make_app(ext)[0]
     recorder = Recorder()
     with signals.event_published.connected_to(recorder, sender=app1):
         with app2.app_context():
@@ -638,7 +619,7 @@ def test_signals_of_another_app_are_not_received() -> None:
 
 
 def test_shutdown_ends_open_streams_and_new_ones_end_at_once() -> None:
-    app = stream_app(EVENTSTREAM_RETRY=700)
+    app = make_app(EVENTSTREAM_RETRY=700)[0]
     ext = ext_of(app)
     client = app.test_client()
     disconnected = Recorder()

@@ -15,7 +15,7 @@ from flask_eventstream import Event
 from flask_eventstream import eventstream
 from flask_eventstream import signals
 from flask_eventstream.sse import EventParser
-from flask_eventstream.testing import _connection
+from flask_eventstream.testing import connection
 from flask_eventstream.testing import read_events
 from flask_eventstream.testing import ReceivedEvent
 from tests.support.servers import make_app
@@ -72,10 +72,10 @@ def test_a_subscriber_that_falls_behind_is_cut_off_and_resumes_from_history(
         for i in range(2, 30):
             sent.append(ext.publish("feed", i))
             assert fast.step() == [rec(sent[-1])]
-        sub = _connection(slow.response).subscriptions[0]  # type: ignore[union-attr]
+        sub = connection(slow.response).subscriptions[0]  # type: ignore[union-attr]
         assert sub.overflowed
         # nothing is kept for it: memory stays bounded
-        assert len(sub._queue) == 0
+        assert len(sub.queued) == 0
         with caplog.at_level(logging.WARNING, logger="flask_eventstream"):
             # its stream ends without sending anything more (no event after a gap)
             assert slow.rest() == []
@@ -97,15 +97,15 @@ def test_a_subscriber_that_falls_behind_is_cut_off_and_resumes_from_history(
 def test_overflow_clears_the_queue_and_keeps_it_empty() -> None:
     app, ext = make_app(EVENTSTREAM_QUEUE_SIZE=3)
     response = app.test_client().get("/s?c=q", buffered=False)
-    sub = _connection(response).subscriptions[0]  # type: ignore[union-attr]
+    sub = connection(response).subscriptions[0]  # type: ignore[union-attr]
     for i in range(3):
         ext.publish("q", i)
-    assert len(sub._queue) == 3 and not sub.overflowed
+    assert len(sub.queued) == 3 and not sub.overflowed
     ext.publish("q", "one too many")
-    assert sub.overflowed and len(sub._queue) == 0
+    assert sub.overflowed and len(sub.queued) == 0
     for i in range(100):
         ext.publish("q", i)
-    assert len(sub._queue) == 0
+    assert len(sub.queued) == 0
     response.close()
 
 
@@ -271,9 +271,9 @@ def test_max_lifetime_has_jitter_within_ten_percent() -> None:
     for _ in range(20):
         start = time.monotonic()
         response = client.get("/s?c=j", buffered=False)
-        conn = _connection(response)
-        assert conn is not None and conn.deadline is not None
-        spans.append(conn.deadline - start)
+        conn = connection(response)
+        assert conn is not None and conn.timing.deadline is not None
+        spans.append(conn.timing.deadline - start)
         response.close()
     assert all(90 - 0.5 <= span <= 110 for span in spans)
     assert max(spans) - min(spans) > 1  # not all the same
@@ -390,7 +390,7 @@ def test_example_private_channel_without_token_is_403_before_any_byte(
     assert response.mimetype != "text/event-stream"
     assert b"retry:" not in response.get_data()
     with example.app_context():
-        assert example.extensions["eventstream"].owner.stats()["connections"] == 0
+        assert example.extensions["eventstream"].stats()["connections"] == 0
 
 
 @pytest.mark.parametrize(

@@ -13,15 +13,14 @@ import typing as t
 
 import pytest
 from flask import Flask
-from flask import request
 
-from flask_eventstream import EventStream
-from flask_eventstream import eventstream
 from flask_eventstream import PublishError
+from flask_eventstream._state import state_for
 from flask_eventstream.testing import parse
 from flask_eventstream.testing import read_events
 from tests.support.redis import close_app
 from tests.support.redis import RedisServer
+from tests.support.servers import make_app
 
 pytestmark = pytest.mark.redis
 
@@ -56,30 +55,11 @@ def stream_ids(server: RedisServer, channel: str) -> list[str]:
 def wait_registered(app: Flask, channel: str, count: int = 1) -> None:
     """Wait until ``count`` subscribers of ``channel`` are registered with
     the reader (it registers them between two reads of Redis)."""
-    state = app.extensions["eventstream"]
+    state = state_for(app)
     deadline = time.monotonic() + 5
     while state.broker.channels().get(channel, 0) < count:
         assert time.monotonic() < deadline, state.broker.channels()
         time.sleep(0.005)
-
-
-def multi_app(url: str, config: t.Mapping[str, t.Any] | None = None) -> Flask:
-    """An app with ``/multi?ch=a&ch=b``: one stream on several channels."""
-    app = Flask(__name__)
-    app.config.update(EVENTSTREAM_REDIS_URL=url, **(config or {}))
-    stream = EventStream(app)
-
-    @app.get("/multi")
-    @eventstream
-    def multi() -> t.Any:
-        return stream.subscribe(*request.args.getlist("ch"))
-
-    @app.post("/pub/<channel>")
-    def pub(channel: str) -> t.Any:
-        return {"id": stream.publish(channel, request.get_json()).id}, 202
-
-    app.extensions["test_stream"] = stream
-    return app
 
 
 # -- publish and subscribe --
@@ -119,7 +99,7 @@ def test_ids_increase_across_channels(redis_app: MakeApp, redis_server: RedisSer
 
 def test_event_fields_survive_redis(redis_app: MakeApp):
     app = redis_app()
-    stream = app.extensions["eventstream"].owner
+    stream = app.extensions["eventstream"]
     client = app.test_client()
     response = client.get("/stream/fields", buffered=False)
     from flask_eventstream import Event
@@ -152,11 +132,40 @@ def test_fanout_to_many_subscribers_on_one_process(redis_app: MakeApp):
         assert [e.id for e in read_events(response, 10)] == ids
 
 
+def test_each_event_is_encoded_once_on_the_publishing_process(
+    redis_app: MakeApp, monkeypatch: pytest.MonkeyPatch
+):
+    import flask_eventstream.backends.redis.reader as reader_module
+    import flask_eventstream.broker as broker_module
+    from flask_eventstream.sse import encode
+
+    encoded: list[str | None] = []
+
+    def counting(event: t.Any) -> bytes:
+        encoded.append(event.text)
+        return encode(event)
+
+    app = redis_app()
+    client = app.test_client()
+    responses = [client.get("/stream/once", buffered=False) for _ in range(3)]
+    wait_registered(app, "once", 3)
+    monkeypatch.setattr(broker_module, "encode", counting)
+    monkeypatch.setattr(reader_module, "encode", counting)
+    ids = [post(client, "once", f"e{i}") for i in range(4)]
+    for response in responses:
+        events = read_events(response, 4)
+        assert [(e.id, e.data) for e in events] == [
+            (event_id, f"e{i}") for i, event_id in enumerate(ids)
+        ]
+    # Once to check the size; the reader sends those bytes, with the id.
+    assert encoded == ["e0", "e1", "e2", "e3"]
+
+
 def test_publish_returns_id_and_rejects_bad_input(
     redis_app: MakeApp, redis_server: RedisServer
 ):
     app = redis_app({"EVENTSTREAM_MAX_EVENT_SIZE": 200})
-    stream = app.extensions["eventstream"].owner
+    stream = app.extensions["eventstream"]
     with app.app_context():
         with pytest.raises(ValueError, match="EVENTSTREAM_MAX_EVENT_SIZE"):
             stream.publish("big", "x" * 300)
@@ -171,7 +180,7 @@ def test_publish_returns_id_and_rejects_bad_input(
 
 def test_stats_count_subscribers(redis_app: MakeApp):
     app = redis_app()
-    stream = app.extensions["eventstream"].owner
+    stream = app.extensions["eventstream"]
     client = app.test_client()
     responses = [client.get("/stream/s1", buffered=False) for _ in range(3)]
     with app.app_context():
@@ -226,7 +235,7 @@ def test_resume_from_newest_id_replays_nothing(redis_app: MakeApp):
 
 
 def test_resume_several_channels_exactly_once_in_order(redis_server: RedisServer):
-    app = multi_app(redis_server.url)
+    app = make_app(EVENTSTREAM_REDIS_URL=redis_server.url)[0]
     try:
         client = app.test_client()
         sent = []
@@ -236,7 +245,7 @@ def test_resume_several_channels_exactly_once_in_order(redis_server: RedisServer
             sent.append((f"{channel}{i}", response.get_json()["id"]))
         # Resume a subscription to a and b from an event on c.
         stream = client.get(
-            "/multi?ch=a&ch=b", headers={"Last-Event-ID": sent[5][1]}, buffered=False
+            "/s?c=a&c=b", headers={"Last-Event-ID": sent[5][1]}, buffered=False
         )
         live = client.post("/pub/b", json="live").get_json()["id"]
         events = read_events(stream, 5)
@@ -247,11 +256,11 @@ def test_resume_several_channels_exactly_once_in_order(redis_server: RedisServer
 
 
 def test_new_subscriber_gets_only_events_after_subscribing(redis_server: RedisServer):
-    app = multi_app(redis_server.url)
+    app = make_app(EVENTSTREAM_REDIS_URL=redis_server.url)[0]
     try:
         client = app.test_client()
         client.post("/pub/a", json="before")
-        stream = client.get("/multi?ch=a&ch=b", buffered=False)
+        stream = client.get("/s?c=a&c=b", buffered=False)
         ids = [client.post(f"/pub/{c}", json=c).get_json()["id"] for c in "abab"]
         assert [(e.data, e.id) for e in read_events(stream, 4)] == list(
             zip("abab", ids, strict=True)
@@ -396,7 +405,7 @@ def test_event_published_signal_on_the_reading_process(redis_app: MakeApp):
 def test_reader_cuts_off_streams_that_fell_behind_trimming(
     start_redis: t.Callable[..., RedisServer],
 ):
-    from flask_eventstream.backends.redis import _PUBLISH
+    from flask_eventstream.backends.redis.scripts import PUBLISH
 
     server = start_redis(extra=["--stream-node-max-entries", "2"])
     from example_app import create_app
@@ -419,7 +428,7 @@ def test_reader_cuts_off_streams_that_fell_behind_trimming(
         # 40 events in one transaction: trimmed to about 2 before the
         # reader can see them.
         admin = server.client()
-        script = admin.register_script(_PUBLISH)
+        script = admin.register_script(PUBLISH)
         pipe = admin.pipeline(transaction=True)
         for i in range(40):
             script(
@@ -536,7 +545,7 @@ def test_publish_error_when_redis_is_down(
     client = app.test_client()
     post(client, "down", "before")
     redis_server.stop()
-    stream = app.extensions["eventstream"].owner
+    stream = app.extensions["eventstream"]
     with app.app_context():
         start = time.monotonic()
         with pytest.raises(PublishError, match="unreachable"):
@@ -582,10 +591,10 @@ def test_without_client_unblock_permission(
 def test_a_retried_publish_is_added_once(redis_server: RedisServer):
     # publish() retries with the same token after an error that may have
     # come after Redis ran the script (a reply lost in a restart).
-    from flask_eventstream.backends.redis import _PUBLISH
+    from flask_eventstream.backends.redis.scripts import PUBLISH
 
     admin = redis_server.client()
-    script = admin.register_script(_PUBLISH)
+    script = admin.register_script(PUBLISH)
     keys = ["eventstream:once", "eventstream:~meta"]
     first = script(keys=keys, args=["10", "tok-a", "0", "d", "x"])
     other = script(keys=keys, args=["10", "tok-b", "0", "d", "y"])

@@ -43,7 +43,7 @@ def test_publish_error_after_bounded_retry(
     redis_app: MakeApp, redis_server: RedisServer
 ):
     app = redis_app()
-    stream = app.extensions["eventstream"].owner
+    stream = app.extensions["eventstream"]
     with app.app_context():
         stream.publish("p", "before")
         redis_server.stop()
@@ -64,7 +64,7 @@ def test_publish_retries_through_a_short_outage(
 ):
     server = redis_server_aof
     app = redis_app(server=server)
-    stream = app.extensions["eventstream"].owner
+    stream = app.extensions["eventstream"]
     with app.app_context():
         stream.publish("r", "before")
     # Redis is stopped (its pooled connections die) and back within the
@@ -85,7 +85,7 @@ def test_publishing_across_a_restart_adds_nothing_twice(
 ):
     server = redis_server_aof
     app = redis_app(server=server)
-    stream = app.extensions["eventstream"].owner
+    stream = app.extensions["eventstream"]
     client = app.test_client()
     response = client.get("/stream/x", buffered=False)
     accepted: list[tuple[str, str]] = []

@@ -5,17 +5,18 @@ from __future__ import annotations
 import bisect
 import collections
 import dataclasses
-import heapq
 import threading
 import time
 
-from ..broker import Broker
+from ..broker import encode_frame
 from ..broker import format_id
 from ..broker import Frame
 from ..broker import Key
-from ..broker import reset_frame
+from ..broker import Sink
 from ..broker import Subscription
 from ..sse import Event
+from .planning import replay
+from .planning import reset_reason
 
 __all__ = ["MemoryBackend"]
 
@@ -35,13 +36,24 @@ class MemoryBackend:
     older than this process (the server restarted) or than what a channel
     retains gets an ``eventstream-reset`` before the retained events it has
     not seen.
+
+    Publishing stores the event under a lock and puts it in an outbox; the
+    outbox is handed to the sink outside the lock, in id order, by one caller
+    at a time. A receiver of the sink that publishes again (from the same
+    greenlet, or another thread) adds to the outbox and returns; the caller
+    that is delivering hands its event on next.
     """
 
-    def __init__(self, broker: Broker, history: int = 1000) -> None:
-        self._broker = broker
+    def __init__(
+        self, sink: Sink, history: int = 1000, *, max_event_size: int = 1 << 20
+    ) -> None:
+        self._sink = sink
         self._history_size = max(history, 0)
+        self._max_event_size = max_event_size
         self._channels: dict[str, _Channel] = {}
         self._lock = threading.Lock()
+        self._outbox: collections.deque[tuple[str, Frame, Event]] = collections.deque()
+        self._delivering = False
         self._last: Key = (int(time.time() * 1000), 0)
         #: Ids below this were handed out by an earlier process.
         self._start: Key = self._last
@@ -57,7 +69,7 @@ class MemoryBackend:
         with self._lock:
             key = self._next_key()
             event = dataclasses.replace(event, id=format_id(key))
-            frame = self._broker.encode(event, key)
+            frame = encode_frame(event, key, self._max_event_size)
             state = self._channels.get(channel)
             if state is None:
                 state = self._channels[channel] = _Channel(self._history_size)
@@ -70,33 +82,57 @@ class MemoryBackend:
                 if len(history) == self._history_size:
                     state.dropped = history[0].key
                 history.append(frame)
-            self._broker.fanout(channel, frame, event)
+            self._outbox.append((channel, frame, event))
+            if self._delivering:
+                return event
+            self._delivering = True
+        self._deliver()
         return event
+
+    def _deliver(self) -> None:
+        """Hand the outbox to the sink, holding no lock; raise the first
+        error of a receiver once the outbox is empty."""
+        error: BaseException | None = None
+        while True:
+            with self._lock:
+                if not self._outbox:
+                    self._delivering = False
+                    break
+                channel, frame, event = self._outbox.popleft()
+            try:
+                self._sink.deliver(channel, frame, event)
+            except BaseException as e:
+                if error is None:
+                    error = e
+        if error is not None:
+            raise error
 
     def attach(self, sub: Subscription, last: Key | None) -> None:
         with self._lock:
-            if last is not None:
-                sub.replay(self._missed(sub.channels, last))
-            self._broker.connect(sub)
+            frames, reason = (
+                self._missed(sub.channels, last) if last is not None else ([], None)
+            )
+            # Events still in the outbox are older than the subscription (or
+            # in its replay): the floor keeps them out of its live queue.
+            sub.start(frames, self._last, reason)
 
-    def _missed(self, channels: tuple[str, ...], last: Key) -> list[Frame]:
-        # Older than this process, or newer than anything it assigned.
-        reason = "unknown" if last < self._start or last > self._last else None
+    def _missed(
+        self, channels: tuple[str, ...], last: Key
+    ) -> tuple[list[Frame], str | None]:
+        """The frames missed after ``last``, and the reset reason if any."""
         streams = []
+        dropped = []
         for name in channels:
             state = self._channels.get(name)
-            if state is None:
-                continue
-            if reason is None and state.dropped is not None and state.dropped > last:
-                reason = "expired"
-            streams.append(_after(state.history, last))
-        frames = list(heapq.merge(*streams, key=_key)) if streams else []
-        if reason is not None:
-            frames.insert(0, reset_frame(reason, format_id(last), self._last))
-        return frames
+            if state is not None:
+                dropped.append(state.dropped)
+                streams.append(_after(state.history, last))
+        # Older than this process, or newer than anything it assigned.
+        reason = reset_reason(last, self._start, self._last, dropped)
+        return replay(last, reason, self._last, streams, _key, _same), reason
 
     def detach(self, sub: Subscription) -> None:
-        self._broker.disconnect(sub)
+        pass
 
     def close(self) -> None:
         with self._lock:
@@ -106,6 +142,10 @@ class MemoryBackend:
 def _key(frame: Frame) -> Key:
     assert frame.key is not None
     return frame.key
+
+
+def _same(frame: Frame) -> Frame:
+    return frame
 
 
 def _after(history: collections.deque[Frame], last: Key) -> list[Frame]:

@@ -88,10 +88,9 @@ def create_app(config: t.Mapping[str, t.Any] | None = None) -> Flask:
 
     @app.get("/writers")
     def writers() -> t.Any:
-        from flask import current_app
+        from flask_eventstream._state import state_for
 
-        state = current_app.extensions["eventstream"]
-        state = getattr(state, "state", state)
+        state = state_for(app)
         direct = sum(
             1
             for conn in list(state.live)

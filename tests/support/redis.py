@@ -41,6 +41,7 @@ from collections.abc import Sequence
 
 import pytest
 
+from flask_eventstream._state import state_for
 from tests.support.servers import ExitedEarly
 from tests.support.servers import free_port
 from tests.support.servers import report_on_failure
@@ -212,9 +213,8 @@ def redis_clients(
 
 def close_app(app: Flask) -> None:
     """Close an app's broker (its Redis reader and connections)."""
-    state = app.extensions.get("eventstream")
-    if state is not None:
-        state.broker.close()
+    if "eventstream" in app.extensions:
+        state_for(app).broker.close()
 
 
 def stream_entries(server: RedisServer, channel: str) -> list[tuple[str, str]]:

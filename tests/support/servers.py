@@ -153,16 +153,26 @@ def wait_started(
 # -- in-process apps (Flask's test client) --
 
 
-def make_app(**config: t.Any) -> tuple[Flask, EventStream]:
-    """An app with ``GET /s?c=<channel>...`` subscribing to the channels."""
+def make_app(
+    ext: EventStream | None = None, **config: t.Any
+) -> tuple[Flask, EventStream]:
+    """The app of the in-process tests: ``GET /s?c=<channel>...`` streams a
+    subscription to the channels; ``POST /pub/<channel>`` publishes its JSON
+    body and answers ``{"id": ...}``. ``config`` goes into ``app.config``
+    before ``ext`` (a new one by default) is registered."""
     app = Flask(__name__)
     app.config.update(config)
-    ext = EventStream(app)
+    ext = ext or EventStream()
+    ext.init_app(app)
 
     @app.get("/s")
     @eventstream
     def s() -> t.Any:
         return ext.subscribe(*request.args.getlist("c"))
+
+    @app.post("/pub/<channel>")
+    def pub(channel: str) -> t.Any:
+        return {"id": ext.publish(channel, request.get_json()).id}, 202
 
     return app, ext
 

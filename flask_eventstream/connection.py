@@ -1,0 +1,428 @@
+"""The life of one event stream, from the view's first item to its release.
+
+A stream's resources (subscriptions, disconnect watcher, watchdog entry,
+connection slot) are released in exactly one place, :meth:`Connection.release`,
+which runs from the body generator's ``finally`` and, for a response that was
+never iterated, from the response's close callback.
+
+Nothing here touches Flask: the view layer (:mod:`.views`) builds the
+response around :meth:`Connection.body`.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import itertools
+import logging
+import time
+import typing as t
+import weakref
+from collections.abc import Iterator
+
+from . import _gevent
+from ._state import AppState
+from .broker import encode_frame
+from .broker import Frame
+from .broker import Subscription
+from .sse import Event
+from .sse import HEARTBEAT
+from .timing import Timing
+
+__all__ = [
+    "END",
+    "ENVIRON_KEY",
+    "Connection",
+    "current_connection",
+    "find_connection",
+    "keep_connection",
+]
+
+log = logging.getLogger(__name__)
+
+#: What a view's iterator gives when it is exhausted.
+END: t.Any = object()
+_HEARTBEAT = Frame(HEARTBEAT)
+#: What :meth:`Connection.wait` returns when the time it waited for came.
+TICK = Frame(b"")
+#: Seconds a stream that was told to end may take before its greenlet is
+#: killed (it may be stuck in a sleep that is not ours).
+_KILL_GRACE = 0.5
+_ids = itertools.count(1)
+#: The environ key under which a request's stream is kept (for testing).
+ENVIRON_KEY = "flask_eventstream.connection"
+
+#: Streams by their request's input stream: a test client that runs the
+#: application with a copy of the environ shares that object with the copy.
+_by_input: weakref.WeakKeyDictionary[t.Any, weakref.ref[Connection]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def keep_connection(environ: t.MutableMapping[str, t.Any], conn: Connection) -> None:
+    """Make ``conn`` findable from its request's environ (or a copy)."""
+    environ[ENVIRON_KEY] = conn
+    try:
+        _by_input[environ.get("wsgi.input")] = weakref.ref(conn)
+    except TypeError:  # no input stream, or one without weak references
+        pass
+
+
+def find_connection(environ: t.Mapping[str, t.Any]) -> Connection | None:
+    """The stream of the request with ``environ`` (or a copy of it)."""
+    conn = environ.get(ENVIRON_KEY)
+    if isinstance(conn, Connection):
+        return conn
+    try:
+        ref = _by_input.get(environ.get("wsgi.input"))
+    except TypeError:
+        return None
+    return ref() if ref is not None else None
+
+
+#: The stream whose body is running in this greenlet or thread.
+current_connection: contextvars.ContextVar[Connection | None] = contextvars.ContextVar(
+    "flask_eventstream.connection", default=None
+)
+
+
+class Connection:
+    """One open event stream."""
+
+    __slots__ = (
+        "__weakref__",
+        "state",
+        "id",
+        "remote_addr",
+        "waker",
+        "subscriptions",
+        "closed",
+        "reason",
+        "released",
+        "started",
+        "task",
+        "timing",
+        "writer",
+        "_stop_watch",
+        "_cancel_kill",
+    )
+
+    def __init__(self, state: AppState, environ: t.Mapping[str, t.Any]) -> None:
+        settings = state.settings
+        self.state = state
+        self.id = next(_ids)
+        self.remote_addr: str | None = environ.get("REMOTE_ADDR")
+        self.waker = _gevent.make_waker()
+        self.subscriptions: list[Subscription] = []
+        self.closed = False
+        self.reason = "closed"
+        self.released = False
+        #: Whether the body started (and client_connected was sent).
+        self.started = False
+        self.task = _gevent.current_task()
+        self.timing = Timing(
+            time.monotonic(),
+            settings.heartbeat,
+            settings.send_timeout,
+            settings.max_lifetime,
+        )
+        #: Writes frames straight to the client while the stream waits (see
+        #: :func:`._gevent.direct_writer`); ``None``: the server writes all.
+        self.writer: _gevent._Writer | None = None
+        self._stop_watch: t.Callable[[], None] | None = None
+        self._cancel_kill: t.Callable[[], None] | None = None
+        state.live.add(self)
+
+    # -- ending --
+
+    def end(self, reason: str, *, kill: bool = False) -> None:
+        """Ask the stream to end; safe from the hub, a signal or another
+        greenlet. With ``kill``, a stream that has not ended after a grace
+        period (stuck in a foreign sleep) has its greenlet killed."""
+        if self.closed:
+            return
+        self.closed = True
+        self.reason = reason
+        self.waker.set()
+        if kill and self.task is not None and self._cancel_kill is None:
+            self._cancel_kill = _gevent.call_later(_KILL_GRACE, self._kill)
+
+    def _kill(self) -> None:
+        if not self.released:
+            _gevent.kill(self.task)
+
+    def on_send_timeout(self) -> None:
+        log.info(
+            "Dropping event stream %s from %s: a write blocked for more than %ss.",
+            self.id,
+            self.remote_addr,
+            self.timing.send_timeout,
+        )
+        self.end("timeout")
+        _gevent.kill(self.task)
+
+    def set_deadline(self, deadline: float) -> None:
+        """End the stream at ``deadline`` (monotonic) at the latest."""
+        self.timing.end_by(deadline)
+        self.waker.set()
+
+    def _on_eof(self) -> None:
+        self.end("client", kill=True)
+
+    def release(self) -> None:
+        """Release everything held for this stream; idempotent."""
+        if self.released:
+            return
+        self.released = True
+        self.closed = True
+        self.timing.writing_since = None
+        self.writer = None
+        for cancel in (self._stop_watch, self._cancel_kill):
+            if cancel is not None:
+                cancel()
+        self._stop_watch = self._cancel_kill = None
+        state = self.state
+        state.watchdog.discard(self)
+        channels = self._channels()
+        for sub in self.subscriptions:
+            sub.close()
+        self.subscriptions.clear()
+        state.live.discard(self)
+        log.debug(
+            "Event stream %s from %s ended (%s).",
+            self.id,
+            self.remote_addr,
+            self.reason,
+        )
+        if not self.started:
+            return
+        state.broker.observer.stream_ended(self.id, channels, self.reason)
+        state.send_disconnected(
+            channels=channels,
+            connection_id=self.id,
+            remote_addr=self.remote_addr,
+            reason=self.reason,
+        )
+
+    # -- waiting --
+
+    def wait(
+        self,
+        sub: Subscription | None = None,
+        until: float | None = None,
+        *,
+        heartbeats: bool = True,
+    ) -> Frame | None:
+        """The one wait of a stream: block until ``sub`` has frames (returned
+        as one), a heartbeat is due (with ``heartbeats``; returned as a
+        heartbeat frame) or ``until`` (monotonic) comes (:data:`TICK`).
+        ``None`` when the stream is to end: told to, at its deadline, or its
+        subscription cut off."""
+        waker = self.waker
+        timing = self.timing
+        # In a plain thread no watchdog wakes the stream for a heartbeat or
+        # its end; on gevent only a wait for ``until`` needs a timer.
+        timed = self.task is None
+        while not (self.closed or sub is not None and sub.closed):
+            if sub is not None:
+                # Nothing is taken once it overflowed: frames queued after
+                # the overflow follow a gap, and sending them would skip
+                # events silently.
+                frame = sub.take()
+                if frame is not None:
+                    return frame
+                if sub.overflowed:
+                    log.warning(
+                        "Event stream %s from %s fell more than %d events behind"
+                        " on %s; disconnecting it (it resumes from history).",
+                        self.id,
+                        self.remote_addr,
+                        self.state.settings.queue_size,
+                        ", ".join(sub.channels),
+                    )
+                    self.end("overflow")
+                    return None
+            else:
+                waker.clear()
+            now = time.monotonic()
+            if timing.expired(now):
+                self.end("lifetime")
+                return None
+            if until is not None and now >= until:
+                return TICK
+            if heartbeats and timing.heartbeat_due(now):
+                return _HEARTBEAT
+            if self.closed:
+                return None
+            if until is not None:
+                waker.wait(min(until - now, timing.timeout(now, heartbeats=heartbeats)))
+                continue
+            writer = self.writer
+            if sub is None or writer is None or not writer.ready():
+                waker.wait(timing.timeout(now) if timed else None)
+                continue
+            # Nothing queued: until this wait ends, a fan-out writes frames
+            # to the client itself, without waking this greenlet.
+            sub.send = writer.send
+            try:
+                waker.wait(None)
+            finally:
+                sub.send = None
+            if writer.pending is not None and not self.closed:
+                # The socket took part of a frame: the rest goes first.
+                timing.writing_since = time.monotonic()
+                try:
+                    writer.flush()
+                except OSError:
+                    self.end("client")
+                    return None
+                finally:
+                    timing.writing_since = None
+        return None
+
+    def sleep(self, seconds: float) -> None:
+        """Sleep, returning early if the stream is told to end or reaches its
+        deadline (``EVENTSTREAM_MAX_LIFETIME``, or a test's timeout)."""
+        self.wait(until=time.monotonic() + seconds, heartbeats=False)
+
+    def next_frame(self, sub: Subscription) -> Frame | None:
+        """Block until ``sub`` has frames or a heartbeat is due, and return
+        them; ``None`` when the stream is to end."""
+        return self.wait(sub)
+
+    def follow(self, sub: Subscription) -> Iterator[Frame | None]:
+        """Iterate a subscription: its frames, heartbeats while idle, and an
+        end when the stream is told to end. The first step never waits: it
+        gives what is queued already (a replay), or ``None``, so that a view
+        that subscribes returns at once."""
+        try:
+            yield sub.take()
+            while (frame := self.next_frame(sub)) is not None:
+                yield frame
+        finally:
+            sub.close()
+
+    def periodic(
+        self,
+        view: t.Callable[..., t.Any],
+        args: tuple[t.Any, ...],
+        kwargs: dict[str, t.Any],
+        interval: float,
+    ) -> Iterator[t.Any]:
+        """Call ``view`` every ``interval`` seconds (the first call has been
+        made by the caller), with heartbeats in between."""
+        next_at = time.monotonic() + interval
+        while not self.closed:
+            got = self.wait(until=next_at)
+            if got is None:
+                return
+            if got is not TICK:
+                yield got  # a heartbeat
+                continue
+            yield view(*args, **kwargs)
+            next_at += interval
+            if next_at < time.monotonic():
+                next_at = time.monotonic() + interval
+
+    # -- the body --
+
+    def _to_bytes(self, item: t.Any) -> bytes | None:
+        if type(item) is Frame:
+            return item.data
+        if item is None:
+            return HEARTBEAT if self.timing.heartbeat_due(time.monotonic()) else None
+        if not isinstance(item, Event):
+            item = Event(data=item)
+        return encode_frame(item, None, self.state.settings.max_event_size).data
+
+    def body(
+        self,
+        first: t.Any,
+        items: Iterator[t.Any],
+        environ: t.Mapping[str, t.Any],
+        *,
+        primed: bool = False,
+        sub: Subscription | None = None,
+    ) -> Iterator[bytes]:
+        """The response body: retry and the first item, then the rest.
+
+        With ``primed``, the generator first yields an empty chunk that the
+        caller consumes at once: a started generator runs its ``finally``
+        when closed, so it can be handed to the server as the response
+        iterable itself, without Werkzeug's wrappers around it.
+
+        With ``sub``, ``items`` is ``follow(sub)`` after its first step, and
+        the loop takes frames from :meth:`next_frame` directly: one generator
+        less to resume on every write, and a shallower stack to save on
+        every wait.
+        """
+        token = None if primed else current_connection.set(self)
+        try:
+            if primed:
+                yield b""
+            if self.task is not None:
+                self._stop_watch = _gevent.watch_disconnect(environ, self._on_eof)
+                self.state.watchdog.add(self)
+            self.started = True
+            self.state.broker.observer.stream_opened(self.id, self._channels())
+            self.state.send_connected(
+                channels=self._channels(),
+                connection_id=self.id,
+                remote_addr=self.remote_addr,
+            )
+            data = self.state.retry_bytes
+            if first is not END:
+                data += self._to_bytes(first) or b""
+            # The hot loop: writes are inlined (no helper generator per
+            # write) and frames, the common item, skip _to_bytes.
+            monotonic = time.monotonic
+            to_bytes = self._to_bytes
+            timing = self.timing
+            while True:
+                timing.writing_since = now = monotonic()
+                yield data
+                timing.writing_since = None
+                timing.last_write = now
+                while True:
+                    if self.closed:
+                        return
+                    deadline = timing.deadline
+                    if deadline is not None and monotonic() >= deadline:
+                        self.end("lifetime")
+                        return
+                    item = next(items, END) if sub is None else self.next_frame(sub)
+                    if item is END or item is None and sub is not None:
+                        return
+                    if self.closed:
+                        return
+                    chunk = item.data if type(item) is Frame else to_bytes(item)
+                    if chunk:
+                        data = chunk
+                        break
+        except GeneratorExit:
+            if not self.closed:
+                self.end("client")
+            raise
+        except _gevent._GreenletExit:
+            if not self.closed:
+                self.end("killed")
+            raise
+        except Exception:
+            log.exception(
+                "Event stream %s from %s failed; ending it.", self.id, self.remote_addr
+            )
+            self.end("error")
+        finally:
+            try:
+                close = getattr(items, "close", None)
+                if close is not None:
+                    close()
+            finally:
+                self.release()
+                if token is not None:
+                    current_connection.reset(token)
+
+    def _channels(self) -> tuple[str, ...]:
+        seen: dict[str, None] = {}
+        for sub in self.subscriptions:
+            seen.update(dict.fromkeys(sub.channels))
+        return tuple(seen)
