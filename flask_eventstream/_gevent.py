@@ -177,16 +177,24 @@ class _GreenWaker:
 
 class _Deferrer:
     """Runs a fan-out in the hub of the publishing greenlet's thread, once
-    the publisher yields (see ``broker._Fanout``)."""
+    the publisher yields (see ``broker._Fanout``).
+
+    Only in a thread whose hub serves streams (one made a waker there): a
+    hub that is not running, such as that of a thread pool's worker thread,
+    would never run the fan-out."""
 
     __slots__ = ()
 
     ident = staticmethod(_os_thread_ident)
 
     def __call__(self, func: t.Callable[[], None]) -> bool:
-        if greenlet.getcurrent().parent is None:
+        batch = _batches.get(_os_thread_ident())
+        if batch is None or greenlet.getcurrent().parent is None:
             return False
-        gevent.get_hub().loop.run_callback(func)
+        loop = batch.loop
+        if gevent.get_hub().loop is not loop:
+            return False
+        loop.run_callback(func)
         return True
 
 
