@@ -435,7 +435,7 @@ class _Writer:
         return bool(ready)
 
     def send(self, frame: Frame) -> bool:
-        if _os_thread_ident() != self._thread:
+        if self.pending is not None or _os_thread_ident() != self._thread:
             return False
         wire = frame.wire
         data = frame.data

@@ -254,6 +254,8 @@ class Subscription:
             self._waker.set()
             return
         queue.append(frame)
+        # Queued frames go out before any later frame is sent.
+        self.send = None
         if not self.woken:
             self.woken = True
             self._waker.set()
@@ -418,6 +420,8 @@ class _Fanout:
                     frame
                 ):
                     continue
+                # Queued frames go out before any later frame is sent.
+                sub.send = None
             for f in frames:
                 sub.deliver(f)
 
