@@ -6,6 +6,7 @@ client receives the same bytes either way."""
 from __future__ import annotations
 
 import json
+import socket
 import typing as t
 
 import pytest
@@ -115,3 +116,66 @@ def test_http10_client_gets_an_unchunked_body_from_the_server(
         events = client.read_events(3, 5)
         assert triples(events) == [("message", f"e{i}", ids[i]) for i in range(3)]
         assert writers(server) == {"direct": 0, "server": 1}
+
+
+# -- which responses get a direct writer --
+
+
+class _Stream:
+    def __init__(self) -> None:
+        import types
+
+        from flask_eventstream import _gevent
+
+        self.timing = types.SimpleNamespace(last_write=0.0)
+        self.waker = _gevent.make_waker()
+
+
+def _gunicorn_response(sock: t.Any) -> t.Any:
+    from gunicorn.http.wsgi import Response
+
+    resp = Response.__new__(Response)
+    resp.sock = sock
+    resp.headers_sent = False
+    resp.chunked = False
+    resp.sent = 0
+    resp.response_length = None
+    return resp
+
+
+def test_direct_writer_only_for_known_servers_and_versions(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import gevent.socket
+    import gunicorn
+
+    from flask_eventstream import _gevent
+
+    stream = _Stream()
+    sock = gevent.socket.socket()
+    try:
+        resp = _gunicorn_response(sock)
+        writer = _gevent.direct_writer(resp, stream)
+        assert writer is not None
+        # Not before the server sent the headers; never for an unchunked body.
+        assert not writer.ready()
+        resp.headers_sent = True
+        assert not writer.ready()
+        resp2 = _gunicorn_response(sock)
+        resp2.headers_sent = resp2.chunked = True
+        writer2 = _gevent.direct_writer(resp2, stream)
+        assert writer2 is not None and writer2.ready()
+
+        # Anything else keeps the server's write path.
+        assert _gevent.direct_writer(None, stream) is None
+        assert _gevent.direct_writer(object(), stream) is None
+        plain = _gunicorn_response(sock)
+        plain.sock = socket.socket()  # not a gevent socket
+        try:
+            assert _gevent.direct_writer(plain, stream) is None
+        finally:
+            plain.sock.close()
+        monkeypatch.setattr(gunicorn, "__version__", "99.0.0")
+        assert _gevent.direct_writer(_gunicorn_response(sock), stream) is None
+    finally:
+        sock.close()
