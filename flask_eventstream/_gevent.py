@@ -455,6 +455,10 @@ class _Writer:
             stream.waker.set()
         return True
 
+    #: The writer itself is what a waiting subscription calls: no bound
+    #: method to allocate each time the stream waits.
+    __call__ = send
+
     def flush(self) -> None:
         """Write what :meth:`send` left over; blocks this greenlet."""
         pending, self.pending = self.pending, None

@@ -262,7 +262,7 @@ class Connection:
                 continue
             # Nothing queued: until this wait ends, a fan-out writes frames
             # to the client itself, without waking this greenlet.
-            sub.send = writer.send
+            sub.send = writer
             try:
                 waker.wait(None)
             finally:
