@@ -342,8 +342,9 @@ class _Stream(t.Protocol):
     def waker(self) -> Waker: ...
 
 
-#: Versions whose internals :func:`direct_writer` relies on were checked
-#: (the attributes it reads are checked again on every response).
+#: Major versions in which :func:`direct_writer` takes the servers' write
+#: path over (tested with gunicorn 27.0 and gevent 26.9; the attributes it
+#: reads are checked on every response).
 _GUNICORN_MAJORS = frozenset({22, 23, 24, 25, 26, 27})
 _GEVENT_MAJORS = frozenset({23, 24, 25, 26})
 
