@@ -78,13 +78,15 @@ def test_slow_reader_gets_whole_chunks(start_server: StartServer, kind: str):
         pump([slow, fast], lambda: bool(slow.first_body_at and fast.first_body_at), 5)
         server.wait_connections(2, 5)
         sent = []
-        for i in range(40):
-            data = f"{i}:" + "z" * 60_000
+        for i in range(60):
+            data = f"{i}:" + "z" * (50_000 + 997 * i)
             sent.append(("message", data, server.publish("big", data)))
-            # The fast client keeps up; the slow one reads a little.
+            # The fast client keeps up; the slow one reads a little now and
+            # then, so that its socket's buffer is full, then has room.
             pump([fast], lambda n=i + 1: len(fast.events) >= n, 10)
-            slow.on_readable(4096)
-        pump([slow], lambda: len(slow.events) >= len(sent), 20)
+            if i % 3 == 0:
+                slow.on_readable(65536)
+        pump([slow], lambda: len(slow.events) >= len(sent), 30)
         assert triples(slow.events) == sent
         assert triples(fast.events) == sent
     finally:
