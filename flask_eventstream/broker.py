@@ -424,6 +424,9 @@ class _Fanout:
                 sub.send = None
             for f in frames:
                 sub.deliver(f)
+        # The framed copy is for this fan-out only: a frame kept in history
+        # does not keep it.
+        frame.wire = None
 
 
 class Registry:
