@@ -1,6 +1,6 @@
 """Quick measurements of the core on one gevent worker (the core's own figures).
 
-Starts ``gunicorn -k gevent -w 1 'tests.apps.streams:create_app()'`` (the
+Starts ``gunicorn -k gevent -w 1 'benchmarks.app:create_app()'`` (the
 example app plus a bulk-publish route; in-memory broker, heartbeat 60 s so
 heartbeats play no part) on a free port of 127.0.0.1 and measures, with the
 clients as raw sockets in this process (one thread, :mod:`selectors`):
@@ -17,8 +17,8 @@ c. the worker's RSS (``VmRSS``/``VmHWM`` in ``/proc/<pid>/status``) empty and
 
 Run from the repository root::
 
-    python benchmarks/quick_core.py
-    python benchmarks/quick_core.py --subscribers 1000 --events 200 --server pywsgi
+    python -m benchmarks.quick_core
+    python -m benchmarks.quick_core --subscribers 1000 --events 200 --server pywsgi
 
 Prints one JSON object per measurement, then a table. The machine's load
 average is part of the output: the figures mean little on a busy machine.
@@ -38,16 +38,15 @@ import threading
 import time
 import typing as t
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+if not __package__:  # python benchmarks/quick_core.py
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from tests.support.servers import HOST  # noqa: E402
-from tests.support.servers import open_clients  # noqa: E402
-from tests.support.servers import raise_nofile  # noqa: E402
-from tests.support.servers import Server  # noqa: E402
-from tests.support.servers import SSEClient  # noqa: E402
-
-APP = "tests.apps.streams:create_app"
+from benchmarks import procfs  # noqa: E402
+from benchmarks.processes import AppServer  # noqa: E402
+from benchmarks.processes import raise_nofile  # noqa: E402
+from benchmarks.sseclient import HOST  # noqa: E402
+from benchmarks.sseclient import open_clients  # noqa: E402
+from benchmarks.sseclient import SSEClient  # noqa: E402
 
 
 def emit(record: dict[str, t.Any]) -> None:
@@ -65,13 +64,6 @@ def memory(pid: int) -> dict[str, int]:
     return values
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of ``pid`` so far."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def close_all(clients: list[SSEClient]) -> None:
     for client in clients:
         client.close()
@@ -80,7 +72,7 @@ def close_all(clients: list[SSEClient]) -> None:
 # -- (a) disconnects --
 
 
-def measure_disconnects(server: Server, count: int) -> dict[str, t.Any]:
+def measure_disconnects(server: AppServer, count: int) -> dict[str, t.Any]:
     clients = open_clients(server.port, "/stream/idle", count)
     try:
         server.wait_connections(count, 30)
@@ -146,7 +138,7 @@ def post(
 
 
 def measure_fanout(
-    server: Server,
+    server: AppServer,
     clients: list[SSEClient],
     events: int,
     mode: str,
@@ -159,7 +151,7 @@ def measure_fanout(
     errors: list[BaseException] = []
     cpu = time.process_time()
     pid = server.worker_pid()
-    server_cpu = cpu_seconds(pid)
+    server_cpu = procfs.cpu_seconds(pid)
 
     def publish() -> None:
         try:
@@ -197,7 +189,7 @@ def measure_fanout(
         "seconds": round(seconds, 4),
         "events_per_s": round(events / seconds, 1),
         "deliveries_per_s": round(events * len(clients) / seconds),
-        "worker_cpu_s": round(cpu_seconds(pid) - server_cpu, 3),
+        "worker_cpu_s": round(procfs.cpu_seconds(pid) - server_cpu, 3),
         "client_cpu_s": round(time.process_time() - cpu, 3),
     }
 
@@ -222,9 +214,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args(argv)
 
-    raise_nofile(4 * args.subscribers + 1024)
+    raise_nofile()
     env = {"EVENTSTREAM_HEARTBEAT": "60", "EVENTSTREAM_QUEUE_SIZE": "100000"}
-    server = Server(args.server, APP, env)
+    server = AppServer(args.server, env)
     records: list[dict[str, t.Any]] = []
     load_before = os.getloadavg()
     emit(
@@ -295,8 +287,7 @@ def main(argv: list[str] | None = None) -> int:
             emit(record)
             records.append(record)
     finally:
-        server.stop()
-        server._stderr.close()
+        server.close()
     load_after = os.getloadavg()
     emit({"measure": "load", "before": load_before, "after": load_after})
     print_table(records, args)

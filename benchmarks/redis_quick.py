@@ -2,8 +2,9 @@
 
     python -m benchmarks.redis_quick [--events 1000] [--streams 200] [--json PATH]
 
-Starts its own ``redis-server`` and ``gunicorn -k gevent`` servers of the
-example app (``tests.apps.streams``) on free ports of 127.0.0.1, and measures:
+Starts its own ``redis-server`` and ``gunicorn -k gevent`` servers of
+``benchmarks.app`` (the example app plus a generator view) on free ports
+of 127.0.0.1, and measures:
 
 ``connections``
     Redis connections (``CLIENT LIST``) held by one worker with N streams
@@ -38,17 +39,15 @@ from pathlib import Path
 if not __package__:  # python benchmarks/redis_quick.py
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.support.redis import redis_clients  # noqa: E402
-from tests.support.redis import RedisServer  # noqa: E402
-from tests.support.servers import HOST  # noqa: E402
-from tests.support.servers import open_clients  # noqa: E402
-from tests.support.servers import pump  # noqa: E402
-from tests.support.servers import raise_nofile  # noqa: E402
-from tests.support.servers import Server  # noqa: E402
-from tests.support.servers import SSEClient  # noqa: E402
-from tests.support.servers import wait_for  # noqa: E402
-
-APP = "tests.apps.streams:create_app"
+from benchmarks.processes import AppServer  # noqa: E402
+from benchmarks.processes import raise_nofile  # noqa: E402
+from benchmarks.processes import redis_clients  # noqa: E402
+from benchmarks.processes import RedisProcess  # noqa: E402
+from benchmarks.processes import wait_for  # noqa: E402
+from benchmarks.sseclient import HOST  # noqa: E402
+from benchmarks.sseclient import open_clients  # noqa: E402
+from benchmarks.sseclient import pump  # noqa: E402
+from benchmarks.sseclient import SSEClient  # noqa: E402
 
 
 class TimedClient(SSEClient):
@@ -71,10 +70,9 @@ def ids_of(client: SSEClient) -> list[str]:
     return [e.id for e in client.events if e.id]
 
 
-def gunicorn(redis: RedisServer, workers: int, **env: str) -> Server:
-    server = Server(
+def gunicorn(redis: RedisProcess, workers: int, **env: str) -> AppServer:
+    server = AppServer(
         "gunicorn",
-        APP,
         env={"EVENTSTREAM_REDIS_URL": redis.url, **env},
         args=["-w", str(workers)],
     )
@@ -98,7 +96,7 @@ def percentile(values: list[float], p: float) -> float:
 # -- measurements --
 
 
-def measure_connections(redis: RedisServer, streams: int) -> dict[str, t.Any]:
+def measure_connections(redis: RedisProcess, streams: int) -> dict[str, t.Any]:
     server = gunicorn(redis, 1)
     clients: list[SSEClient] = []
     try:
@@ -125,7 +123,7 @@ def measure_connections(redis: RedisServer, streams: int) -> dict[str, t.Any]:
         server.close()
 
 
-def measure_latency(redis: RedisServer, events: int, pause: float) -> dict[str, t.Any]:
+def measure_latency(redis: RedisProcess, events: int, pause: float) -> dict[str, t.Any]:
     subscriber = gunicorn(redis, 1)
     publisher = gunicorn(redis, 1)
     clients: list[TimedClient] = []
@@ -193,7 +191,7 @@ def measure_latency(redis: RedisServer, events: int, pause: float) -> dict[str, 
 
 
 class Publisher(threading.Thread):
-    def __init__(self, server: Server, channel: str) -> None:
+    def __init__(self, server: AppServer, channel: str) -> None:
         super().__init__(daemon=True)
         self.server = server
         self.channel = channel
@@ -228,7 +226,7 @@ class Publisher(threading.Thread):
 
 
 def _count(
-    sessions: list[list[SSEClient]], redis: RedisServer, accepted: list[str]
+    sessions: list[list[SSEClient]], redis: RedisProcess, accepted: list[str]
 ) -> dict[str, t.Any]:
     entries = [i.decode() for i, _ in redis.client().xrange("eventstream:lobby")]
     current = [s[-1] for s in sessions]
@@ -261,7 +259,7 @@ def _count(
     }
 
 
-def measure_restart(redis: RedisServer) -> dict[str, t.Any]:
+def measure_restart(redis: RedisProcess) -> dict[str, t.Any]:
     server = gunicorn(redis, 3)
     clients: list[SSEClient] = []
     try:
@@ -292,7 +290,7 @@ def measure_restart(redis: RedisServer) -> dict[str, t.Any]:
         server.close()
 
 
-def measure_sigkill(redis: RedisServer) -> dict[str, t.Any]:
+def measure_sigkill(redis: RedisProcess) -> dict[str, t.Any]:
     server = gunicorn(redis, 3)
     sessions: list[list[SSEClient]] = []
     try:
@@ -352,8 +350,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     raise_nofile()
     results: dict[str, t.Any] = {}
-    plain = RedisServer().start()
-    aof = RedisServer(appendonly=True).start()
+    plain = RedisProcess().start()
+    aof = RedisProcess(appendonly=True).start()
     try:
         results["redis_version"] = plain.client().info("server")["redis_version"]
         results["connections"] = measure_connections(plain, args.streams)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from .exceptions import EventStreamError
 from .exceptions import PublishError
 from .extension import EventStream
+from .extension import GrantRefused
 from .request import last_event_id
 from .sse import Event
 from .views import eventstream
@@ -13,6 +14,7 @@ __all__ = [
     "Event",
     "EventStream",
     "EventStreamError",
+    "GrantRefused",
     "PublishError",
     "eventstream",
     "last_event_id",

@@ -357,7 +357,9 @@ def _major(module: t.Any) -> int | None:
         return None
 
 
-def direct_writer(owner: t.Any, stream: _Stream) -> _Writer | None:
+def direct_writer(
+    owner: t.Any, stream: _Stream, metrics: t.Any = None
+) -> _Writer | None:
     """A writer that puts a stream's frames on the wire itself, or ``None``.
 
     ``owner`` is the object whose bound method the server passed to the
@@ -371,6 +373,9 @@ def direct_writer(owner: t.Any, stream: _Stream) -> _Writer | None:
     and going through the server's per-write path. Anything else (another
     server or version, a middleware's ``start_response``, TLS, HTTP/2, an
     HTTP/1.0 client) gets ``None``: the server writes every frame.
+
+    ``metrics`` (with a ``pending`` count of delivered events) is told of
+    each frame's events once they are written, as the body's loop does.
     """
     if owner is None:
         return None
@@ -380,12 +385,12 @@ def direct_writer(owner: t.Any, stream: _Stream) -> _Writer | None:
         if _major(sys.modules.get("gunicorn")) not in _GUNICORN_MAJORS:
             return None
         sock = getattr(owner, "sock", None)
-        writer: _Writer = _GunicornWriter(owner, sock, stream)
+        writer: _Writer = _GunicornWriter(owner, sock, stream, metrics)
     elif isinstance(owner, gevent.pywsgi.WSGIHandler):
         if _major(gevent) not in _GEVENT_MAJORS:
             return None
         sock = getattr(owner, "socket", None)
-        writer = _PyWSGIWriter(owner, sock, stream)
+        writer = _PyWSGIWriter(owner, sock, stream, metrics)
     else:
         return None
     if type(sock) is not gevent.socket.socket or not writer.usable():
@@ -404,13 +409,27 @@ class _Writer:
     anything else is written.
     """
 
-    __slots__ = ("owner", "sock", "stream", "pending", "_send", "_thread", "_ready")
+    __slots__ = (
+        "owner",
+        "sock",
+        "stream",
+        "pending",
+        "_pending_count",
+        "_metrics",
+        "_send",
+        "_thread",
+        "_ready",
+    )
 
-    def __init__(self, owner: t.Any, sock: t.Any, stream: _Stream) -> None:
+    def __init__(
+        self, owner: t.Any, sock: t.Any, stream: _Stream, metrics: t.Any = None
+    ) -> None:
         self.owner = owner
         self.sock = sock
         self.stream = stream
         self.pending: bytes | None = None
+        self._pending_count = 0
+        self._metrics = metrics
         self._send: t.Any = None
         self._thread = _os_thread_ident()
         #: None until the headers are out; then whether chunks can be sent.
@@ -453,7 +472,11 @@ class _Writer:
         self._count(len(data), sent)
         if sent < len(wire):
             self.pending = wire[sent:]
+            self._pending_count = frame.count
             stream.waker.set()
+        elif self._metrics is not None:
+            # A write's events count once it completed.
+            self._metrics.pending += frame.count
         return True
 
     #: The writer itself is what a waiting subscription calls: no bound
@@ -467,6 +490,8 @@ class _Writer:
             self.sock.sendall(pending)
             self._count(0, len(pending))
             self.stream.timing.last_write = time.monotonic()
+            if self._metrics is not None:
+                self._metrics.pending += self._pending_count
 
 
 class _GunicornWriter(_Writer):
@@ -538,8 +563,12 @@ class Watchdog:
       allocation and two libev calls on every delivery).
     """
 
-    def __init__(self, tick: float = 0.5) -> None:
+    def __init__(
+        self, tick: float = 0.5, on_tick: t.Callable[[], None] | None = None
+    ) -> None:
         self._tick = tick
+        #: Called at every tick, before the sweep (it must not block).
+        self._on_tick = on_tick
         self._streams: weakref.WeakSet[_Watched] = weakref.WeakSet()
         self._runner: t.Any = None
 
@@ -554,6 +583,8 @@ class Watchdog:
     def _run(self) -> None:
         while self._streams:
             gevent.sleep(self._tick)
+            if self._on_tick is not None:
+                self._on_tick()
             now = time.monotonic()
             for stream in list(self._streams):
                 timing = stream.timing

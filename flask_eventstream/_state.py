@@ -22,6 +22,9 @@ from .broker import Sink
 from .sse import encode_retry
 from .sse import Event
 
+if t.TYPE_CHECKING:
+    from .metrics import Metrics
+
 __all__ = ["AppState", "Settings", "register", "state_for"]
 
 log = logging.getLogger(__name__)
@@ -32,6 +35,9 @@ class Settings:
     """The ``EVENTSTREAM_*`` configuration of one application, read once."""
 
     redis_url: str | None = None
+    redis_options: t.Mapping[str, t.Any] = dataclasses.field(default_factory=dict)
+    redis_prefix: str = "eventstream:"
+    redis_min_replicas: int = 0
     heartbeat: float = 15.0
     retry: int = 3000
     history: int = 1000
@@ -40,9 +46,15 @@ class Settings:
     max_event_size: int = 1048576
     send_timeout: float = 30.0
     max_lifetime: float | None = None
+    presence_events: bool = False
+    presence_timeout: float = 30.0
+    metrics: bool = False
 
     KEYS: t.ClassVar[dict[str, str]] = {
         "redis_url": "EVENTSTREAM_REDIS_URL",
+        "redis_options": "EVENTSTREAM_REDIS_OPTIONS",
+        "redis_prefix": "EVENTSTREAM_REDIS_PREFIX",
+        "redis_min_replicas": "EVENTSTREAM_REDIS_MIN_REPLICAS",
         "heartbeat": "EVENTSTREAM_HEARTBEAT",
         "retry": "EVENTSTREAM_RETRY",
         "history": "EVENTSTREAM_HISTORY",
@@ -51,11 +63,19 @@ class Settings:
         "max_event_size": "EVENTSTREAM_MAX_EVENT_SIZE",
         "send_timeout": "EVENTSTREAM_SEND_TIMEOUT",
         "max_lifetime": "EVENTSTREAM_MAX_LIFETIME",
+        "presence_events": "EVENTSTREAM_PRESENCE_EVENTS",
+        "presence_timeout": "EVENTSTREAM_PRESENCE_TIMEOUT",
+        "metrics": "EVENTSTREAM_METRICS",
     }
 
     def __post_init__(self) -> None:
-        for name in ("heartbeat", "send_timeout"):
+        for name in ("heartbeat", "send_timeout", "presence_timeout"):
             _positive(name, getattr(self, name))
+        if not isinstance(self.presence_events, bool):
+            raise TypeError(
+                "EVENTSTREAM_PRESENCE_EVENTS must be True or False,"
+                f" not {self.presence_events!r}"
+            )
         for name in ("history", "queue_size", "max_event_size"):
             _positive(name, getattr(self, name), integer=True, zero=name == "history")
         _positive("retry", self.retry, integer=True, zero=True)
@@ -63,6 +83,27 @@ class Settings:
             _positive("max_connections", self.max_connections, integer=True)
         if self.max_lifetime is not None:
             _positive("max_lifetime", self.max_lifetime)
+        _positive(
+            "redis_min_replicas", self.redis_min_replicas, integer=True, zero=True
+        )
+        if not isinstance(self.redis_options, t.Mapping):
+            raise TypeError(
+                "EVENTSTREAM_REDIS_OPTIONS must be a dict of redis-py connection"
+                f" options, not {self.redis_options!r}"
+            )
+        prefix = self.redis_prefix
+        if not isinstance(prefix, str):
+            raise TypeError(
+                f"EVENTSTREAM_REDIS_PREFIX must be a string, not {prefix!r}"
+            )
+        if not 0 < len(prefix) <= 128:
+            raise ValueError(
+                f"EVENTSTREAM_REDIS_PREFIX must be 1 to 128 characters, not {prefix!r}"
+            )
+        if not isinstance(self.metrics, bool):
+            raise TypeError(
+                f"{self.KEYS['metrics']} must be True or False, not {self.metrics!r}"
+            )
 
     @classmethod
     def from_config(cls, config: t.Mapping[str, t.Any]) -> Settings:
@@ -103,7 +144,14 @@ def _make_backend(settings: Settings) -> t.Callable[[Sink], Backend]:
 
         url = settings.redis_url
         return lambda sink: RedisBackend(
-            sink, url, history=settings.history, max_event_size=size
+            sink,
+            url,
+            history=settings.history,
+            max_event_size=size,
+            prefix=settings.redis_prefix,
+            options=settings.redis_options,
+            min_replicas=settings.redis_min_replicas,
+            presence_timeout=settings.presence_timeout,
         )
 
     from .backends.memory import MemoryBackend
@@ -142,7 +190,17 @@ class AppState:
         ticks = [0.5, settings.heartbeat / 4, settings.send_timeout / 4]
         if settings.max_lifetime:
             ticks.append(settings.max_lifetime / 20)
-        self.watchdog = _gevent.Watchdog(tick=min(ticks))
+        #: The process's metrics, with ``EVENTSTREAM_METRICS``.
+        self.metrics: Metrics | None = None
+        if settings.metrics:
+            from .metrics import get_metrics
+
+            self.metrics = get_metrics()
+        self.watchdog = _gevent.Watchdog(
+            tick=min(ticks),
+            # On gevent, streams add up their deliveries between ticks.
+            on_tick=None if self.metrics is None else self.metrics.flush,
+        )
         self._on_term = on_term
         self._warned_server = False
         on_delivered = self._send_published if app is not None else None
@@ -151,7 +209,32 @@ class AppState:
             queue_size=settings.queue_size,
             on_delivered=on_delivered,
             defer=_gevent.deferrer,
+            on_presence=self._presence_changed,
         )
+        if self.metrics is not None:
+            self.broker.observer = self.metrics
+
+    def _presence_changed(self, channel: str, user: str, joined: bool) -> None:
+        if not self.settings.presence_events:
+            return
+        name = "eventstream-join" if joined else "eventstream-leave"
+        try:
+            self.broker.publish(channel, Event(data={"user": user}, event=name))
+        except Exception as e:
+            log.warning("Could not publish %s of a user on %r: %s", name, channel, e)
+
+    def grant_keys(self) -> list[str | bytes]:
+        """The keys grants are verified with, the signing key last."""
+        config = self.app.config if self.app is not None else {}
+        key = config.get("SECRET_KEY")
+        if not key:
+            raise RuntimeError(
+                "Grants are signed with the app's SECRET_KEY, which is not set:"
+                " set app.config['SECRET_KEY'] (the same on every worker and"
+                " host) to use stream.grant() and subscribe(grant=...)."
+            )
+        fallbacks = config.get("SECRET_KEY_FALLBACKS") or []
+        return [*fallbacks, key]
 
     def _send_published(self, channel: str, event: Event) -> None:
         if signals.event_published.receivers:

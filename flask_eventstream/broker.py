@@ -85,11 +85,13 @@ class Frame:
     framed for the transport, made once per frame however many subscribers
     it goes to."""
 
-    __slots__ = ("data", "key", "wire")
+    __slots__ = ("data", "key", "count", "wire")
 
-    def __init__(self, data: bytes, key: Key | None = None) -> None:
+    def __init__(self, data: bytes, key: Key | None = None, count: int = 1) -> None:
         self.data = data
         self.key = key
+        #: How many events the bytes hold (0 for a heartbeat).
+        self.count = count
         self.wire: bytes | None = None
 
     def __repr__(self) -> str:
@@ -137,6 +139,20 @@ class Sink(t.Protocol):
         """The live local subscribers of ``channel``."""
         ...
 
+    def control(self, op: str, channel: str | None, user: str | None) -> int:
+        """A control message (``"revoke"``, ``"disconnect"``) reached this
+        process: end the local streams that match; return how many."""
+        ...
+
+    def note_revoked(self, user: str, at_ms: int) -> None:
+        """Remember that ``user``'s grants up to ``at_ms`` were revoked."""
+        ...
+
+    def presence_changed(self, channel: str, user: str, joined: bool) -> None:
+        """``user``'s first stream on ``channel`` opened (``joined``), or
+        their last one closed, over every process. Call it holding no lock."""
+        ...
+
 
 class Backend(t.Protocol):
     """What a broker needs from the engine behind it."""
@@ -156,6 +172,31 @@ class Backend(t.Protocol):
         ...
 
     def close(self) -> None: ...
+
+    # -- users: presence and revocation --
+
+    def track(self, channels: tuple[str, ...], user: str, delta: int) -> None:
+        """Count one stream more (``delta`` 1) or fewer (-1) of ``user`` on
+        ``channels``; users who joined or left over every process are told
+        to :meth:`Sink.presence_changed`, soon."""
+        ...
+
+    def presence(self, channel: str) -> dict[str, int]:
+        """``{user: open streams}`` on ``channel``, over every process."""
+        ...
+
+    def revoke(self, user: str, at_ms: int) -> None:
+        """Refuse ``user``'s grants issued up to ``at_ms`` (Unix ms), and end
+        their streams on every process (:meth:`Sink.control`)."""
+        ...
+
+    def revoked_at(self, user: str) -> int | None:
+        """When ``user``'s grants were last revoked (Unix ms), if ever."""
+        ...
+
+    def disconnect(self, channel: str | None, user: str | None) -> None:
+        """End the matching streams on every process (:meth:`Sink.control`)."""
+        ...
 
 
 def encode_frame(event: Event, key: Key | None, max_size: int) -> Frame:
@@ -196,6 +237,8 @@ class Subscription:
         "resuming",
         "woken",
         "send",
+        "user",
+        "ender",
         "_queue",
         "_limit",
         "_waker",
@@ -209,9 +252,15 @@ class Subscription:
         waker: Waker,
         limit: int,
         follow: Follower | None = None,
+        user: str | None = None,
     ) -> None:
         self.broker = broker
         self.channels = channels
+        #: Whose stream this is (for presence and revocation), if known.
+        self.user = user
+        #: Ends the stream this subscription feeds, with a reason; ``None``
+        #: for a subscription iterated on its own (closing it ends it).
+        self.ender: t.Callable[[str], None] | None = None
         #: Live frames with a key at or below this were already replayed.
         self.floor: Key | None = None
         self.overflowed = False
@@ -277,7 +326,8 @@ class Subscription:
             if key is not None:
                 self.floor = key
                 queue[:] = [f for f in queue if f.key is None or f.key > key]
-            queue.insert(0, Frame(b"".join([f.data for f in frames]), key))
+            data = b"".join([f.data for f in frames])
+            queue.insert(0, Frame(data, key, sum([f.count for f in frames])))
             self.woken = True
             self._waker.set()
         if floor is not None and (self.floor is None or self.floor < floor):
@@ -320,7 +370,8 @@ class Subscription:
         del queue[:n]
         if n == 1:
             return frames[0]
-        return Frame(b"".join([f.data for f in frames]), frames[-1].key)
+        data = b"".join([f.data for f in frames])
+        return Frame(data, frames[-1].key, sum([f.count for f in frames]))
 
     @property
     def waker(self) -> Waker:
@@ -334,6 +385,13 @@ class Subscription:
         self._queue.clear()
         self.broker.detach(self)
         self._waker.set()
+
+    def end(self, reason: str) -> None:
+        """End the stream this subscription feeds (from any greenlet)."""
+        if self.ender is not None:
+            self.ender(reason)
+        else:
+            self.close()
 
     def __iter__(self) -> t.Iterator[Frame | None]:
         if self._follow is not None:
@@ -410,7 +468,8 @@ class _Fanout:
         if len(frames) == 1:
             frame = frames[0]
         else:
-            frame = Frame(b"".join([f.data for f in frames]), frames[-1].key)
+            data = b"".join([f.data for f in frames])
+            frame = Frame(data, frames[-1].key, sum([f.count for f in frames]))
         first = frames[0].key
         for sub in tuple(self.subs):
             send = sub.send
@@ -493,6 +552,9 @@ class Broker:
         event delivered to this process (for the public signal).
     :param defer: lets a fan-out wait for the publisher to yield to its event
         loop (see :class:`_Fanout`).
+    :param on_presence: called as ``on_presence(channel, user, joined)`` when
+        a user's first stream on a channel opened, or their last one closed,
+        over every process.
     """
 
     def __init__(
@@ -501,9 +563,16 @@ class Broker:
         *,
         queue_size: int = 1000,
         on_delivered: t.Callable[[str, Event], None] | None = None,
+        on_presence: t.Callable[[str, str, bool], None] | None = None,
         defer: Deferrer | None = None,
     ) -> None:
         self.registry = Registry(defer)
+        self.on_presence = on_presence
+        self._lock = threading.Lock()
+        #: Every open subscription, started or not (for control messages).
+        self._open: dict[Subscription, None] = {}
+        #: user -> when their grants were revoked (Unix ms), as heard here.
+        self._revoked: dict[str, int] = {}
         #: Told of every publish and delivery (see :mod:`.observe`).
         self.observer = Observer()
         self.queue_size = queue_size
@@ -520,6 +589,33 @@ class Broker:
 
     def subscribers(self, channel: str) -> tuple[Subscription, ...]:
         return self.registry.of(channel)
+
+    def control(self, op: str, channel: str | None, user: str | None) -> int:
+        if channel is None and user is None:
+            return 0
+        with self._lock:
+            matching = [
+                sub
+                for sub in self._open
+                if (user is None or sub.user == user)
+                and (channel is None or channel in sub.channels)
+            ]
+        for sub in matching:
+            sub.end("revoked")
+        return len(matching)
+
+    def note_revoked(self, user: str, at_ms: int) -> None:
+        with self._lock:
+            if at_ms > self._revoked.get(user, 0):
+                self._revoked[user] = at_ms
+
+    def presence_changed(self, channel: str, user: str, joined: bool) -> None:
+        if self.on_presence is not None:
+            self.on_presence(channel, user, joined)
+
+    def revoked_here(self, user: str) -> int | None:
+        """The revocation of ``user`` this process heard of, if any."""
+        return self._revoked.get(user)
 
     # -- the API --
 
@@ -539,15 +635,27 @@ class Broker:
         last_id: str | None,
         waker: Waker,
         follow: Follower | None = None,
+        user: str | None = None,
     ) -> Subscription:
         if not channels:
             raise TypeError("subscribe() needs at least one channel")
         for channel in channels:
             validate_channel(channel)
         channels = tuple(dict.fromkeys(channels))
-        sub = Subscription(self, channels, waker, self.queue_size, follow)
-        sub.resuming = last_id is not None
-        self.backend.attach(sub, parse_id(last_id))
+        sub = Subscription(self, channels, waker, self.queue_size, follow, user)
+        last = parse_id(last_id)
+        # A malformed or oversized id is no resume: it is treated as absent.
+        sub.resuming = last is not None
+        with self._lock:
+            self._open[sub] = None
+        try:
+            self.backend.attach(sub, last)
+        except BaseException:
+            with self._lock:
+                self._open.pop(sub, None)
+            raise
+        if user is not None:
+            self.backend.track(channels, user, 1)
         return sub
 
     def detach(self, sub: Subscription) -> None:
@@ -555,6 +663,10 @@ class Broker:
         # registered it by the time it lets go.
         self.backend.detach(sub)
         self.registry.discard(sub)
+        with self._lock:
+            was_open = self._open.pop(sub, 0) is None
+        if was_open and sub.user is not None:
+            self.backend.track(sub.channels, sub.user, -1)
 
     def channels(self) -> dict[str, int]:
         """``{channel: local subscriber count}``."""

@@ -41,9 +41,9 @@ log = logging.getLogger(__name__)
 
 #: What a view's iterator gives when it is exhausted.
 END: t.Any = object()
-_HEARTBEAT = Frame(HEARTBEAT)
+_HEARTBEAT = Frame(HEARTBEAT, count=0)
 #: What :meth:`Connection.wait` returns when the time it waited for came.
-TICK = Frame(b"")
+TICK = Frame(b"", count=0)
 #: Seconds a stream that was told to end may take before its greenlet is
 #: killed (it may be stuck in a sleep that is not ours).
 _KILL_GRACE = 0.5
@@ -102,6 +102,7 @@ class Connection:
         "task",
         "timing",
         "writer",
+        "user",
         "_stop_watch",
         "_cancel_kill",
     )
@@ -128,6 +129,8 @@ class Connection:
         #: Writes frames straight to the client while the stream waits (see
         #: :func:`._gevent.direct_writer`); ``None``: the server writes all.
         self.writer: _gevent._Writer | None = None
+        #: Whose stream this is, once a subscription with a user was made.
+        self.user: str | None = None
         self._stop_watch: t.Callable[[], None] | None = None
         self._cancel_kill: t.Callable[[], None] | None = None
         state.live.add(self)
@@ -145,6 +148,16 @@ class Connection:
         self.waker.set()
         if kill and self.task is not None and self._cancel_kill is None:
             self._cancel_kill = _gevent.call_later(_KILL_GRACE, self._kill)
+
+    def adopt(self, sub: Subscription, user: str | None) -> None:
+        """Make ``sub`` (subscribed in this stream) end the stream when it is
+        revoked or disconnected."""
+        sub.ender = self._end_revoked
+        if user is not None:
+            self.user = user
+
+    def _end_revoked(self, reason: str) -> None:
+        self.end(reason, kill=True)
 
     def _kill(self) -> None:
         if not self.released:
@@ -201,6 +214,7 @@ class Connection:
             connection_id=self.id,
             remote_addr=self.remote_addr,
             reason=self.reason,
+            user=self.user,
         )
 
     # -- waiting --
@@ -368,20 +382,34 @@ class Connection:
                 channels=self._channels(),
                 connection_id=self.id,
                 remote_addr=self.remote_addr,
+                user=self.user,
             )
             data = self.state.retry_bytes
+            count = 0  # events in data
             if first is not END:
-                data += self._to_bytes(first) or b""
+                head = self._to_bytes(first)
+                data += head or b""
+                count = _count(first, head)
             # The hot loop: writes are inlined (no helper generator per
             # write) and frames, the common item, skip _to_bytes.
             monotonic = time.monotonic
             to_bytes = self._to_bytes
             timing = self.timing
+            # A write's events count once it completed. On gevent they are
+            # added up per process and reach the counter at the watchdog's
+            # ticks: an integer addition per write on the hot path.
+            metrics = self.state.metrics
+            batched = self.task is not None
             while True:
                 timing.writing_since = now = monotonic()
                 yield data
                 timing.writing_since = None
                 timing.last_write = now
+                if count and metrics is not None:
+                    if batched:
+                        metrics.pending += count
+                    else:
+                        metrics.written(count)
                 while True:
                     if self.closed:
                         return
@@ -394,7 +422,13 @@ class Connection:
                         return
                     if self.closed:
                         return
-                    chunk = item.data if type(item) is Frame else to_bytes(item)
+                    chunk: bytes | None
+                    if type(item) is Frame:
+                        chunk = item.data
+                        count = item.count
+                    else:
+                        chunk = to_bytes(item)
+                        count = _count(item, chunk)
                     if chunk:
                         data = chunk
                         break
@@ -426,3 +460,12 @@ class Connection:
         for sub in self.subscriptions:
             seen.update(dict.fromkeys(sub.channels))
         return tuple(seen)
+
+
+def _count(item: t.Any, chunk: bytes | None) -> int:
+    """Events in ``chunk``, the bytes of a view's ``item``."""
+    if type(item) is Frame:
+        return item.count
+    if not chunk or chunk == HEARTBEAT:
+        return 0
+    return 1

@@ -30,6 +30,8 @@ client_connected = _signals.signal("eventstream.client-connected")
     far (empty for a stream that subscribes to none).
 :param connection_id: an int that identifies the stream within the process.
 :param remote_addr: the client address as the WSGI server saw it.
+:param user: the stream's user (from a grant or ``subscribe(user=...)``),
+    or ``None``.
 """
 
 client_disconnected = _signals.signal("eventstream.client-disconnected")
@@ -41,6 +43,9 @@ client_disconnected = _signals.signal("eventstream.client-disconnected")
 :param remote_addr: the client address.
 :param reason: why it ended: ``"closed"`` (the view finished), ``"client"``
     (the client went away), ``"overflow"`` (it fell too far behind),
-    ``"lifetime"``, ``"shutdown"``, ``"timeout"`` (a write blocked too long)
-    or ``"error"``.
+    ``"lifetime"`` (including the expiry of its grant), ``"shutdown"``,
+    ``"timeout"`` (a write blocked too long), ``"revoked"``
+    (:meth:`~flask_eventstream.EventStream.revoke` or
+    :meth:`~flask_eventstream.EventStream.disconnect`) or ``"error"``.
+:param user: the stream's user, or ``None``.
 """

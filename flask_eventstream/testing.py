@@ -14,13 +14,25 @@ from __future__ import annotations
 import time
 import typing as t
 
+from ._state import Settings
+from ._state import state_for
+from .broker import Broker
 from .connection import Connection
 from .connection import find_connection
 from .sse import EventParser
 from .sse import parse
 from .sse import ReceivedEvent
 
-__all__ = ["EventParser", "ReceivedEvent", "connection", "parse", "read_events"]
+__all__ = [
+    "EventParser",
+    "ReceivedEvent",
+    "broker",
+    "connection",
+    "direct_writes",
+    "parse",
+    "read_events",
+    "settings",
+]
 
 
 def connection(response: t.Any) -> Connection | None:
@@ -34,6 +46,49 @@ def connection(response: t.Any) -> Connection | None:
     request = getattr(response, "request", None)
     environ = getattr(request, "environ", None)
     return find_connection(environ) if environ is not None else None
+
+
+def settings(app: t.Any) -> Settings:
+    """The ``EVENTSTREAM_*`` settings of ``app`` as its
+    :class:`~flask_eventstream.EventStream` read them in ``init_app``:
+    checked, with the defaults filled in, in a frozen dataclass whose
+    attributes are the keys without the prefix, in lower case
+    (``settings(app).retry`` for ``EVENTSTREAM_RETRY``).
+
+    :raises RuntimeError: if no ``EventStream`` is registered on ``app``.
+
+    .. versionadded:: 0.2
+    """
+    return state_for(app).settings
+
+
+def direct_writes(app: t.Any) -> dict[str, int]:
+    """``{"direct": n, "server": m}`` for the open streams of ``app`` in this
+    process: those whose frames are written straight to their socket while
+    they wait (gunicorn ``-k gevent``, gevent's ``pywsgi``), and those the
+    server writes.
+
+    :raises RuntimeError: if no ``EventStream`` is registered on ``app``.
+
+    .. versionadded:: 0.2
+    """
+    live = list(state_for(app).live)
+    direct = sum(1 for conn in live if conn.writer is not None and conn.writer.ready())
+    return {"direct": direct, "server": len(live) - direct}
+
+
+def broker(app: t.Any) -> Broker:
+    """The broker of ``app`` in this process, which every stream and publish
+    of the app goes through. A test may set its ``observer`` to a subclass of
+    :class:`flask_eventstream.observe.Observer` to record each stream and
+    event, and calls ``close()`` to let go of its backend (a Redis reader
+    and connections) when the app is done with.
+
+    :raises RuntimeError: if no ``EventStream`` is registered on ``app``.
+
+    .. versionadded:: 0.2
+    """
+    return state_for(app).broker
 
 
 def read_events(

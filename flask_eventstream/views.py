@@ -158,7 +158,7 @@ def _stream_class(base: type[Response]) -> type[Response]:
                 conn = self.eventstream_connection
                 if conn is not None and not conn.released:
                     owner = getattr(start_response, "__self__", None)
-                    conn.writer = _gevent.direct_writer(owner, conn)
+                    conn.writer = _gevent.direct_writer(owner, conn, conn.state.metrics)
                 return app_iter
 
         cls = _stream_classes[base] = StreamResponse

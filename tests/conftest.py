@@ -19,6 +19,8 @@ from flask_eventstream.connection import Connection
 pytest_plugins = [
     "tests.support.servers",
     "tests.support.redis",
+    "tests.support.sentinel",
+    "tests.support.tls",
     "tests.support.browser",
 ]
 

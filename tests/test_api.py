@@ -88,9 +88,11 @@ def test_testing_module_exposes_the_documented_helpers() -> None:
     assert set(testing.__all__) == {
         "EventParser",
         "ReceivedEvent",
+        "broker",
         "connection",
         "parse",
         "read_events",
+        "settings",
     }
 
 
@@ -219,13 +221,25 @@ def test_only_the_redis_backend_imports_redis() -> None:
     assert importers and all(p.startswith("backends/redis/") for p in importers)
 
 
+def test_only_the_metrics_module_imports_prometheus_client() -> None:
+    assert _importers("prometheus_client") == {"metrics.py"}
+
+
 def test_only_gevent_modules_import_gevent() -> None:
     assert _importers("gevent", "greenlet") <= {"_gevent.py", "serving.py"}
     assert "_gevent.py" in _importers("gevent")
 
 
 def test_only_the_flask_layer_imports_flask() -> None:
-    allowed = {"extension.py", "request.py", "views.py", "cli.py", "testing.py"}
+    # The flask-sse compatibility layer is a Flask blueprint.
+    allowed = {
+        "extension.py",
+        "request.py",
+        "views.py",
+        "cli.py",
+        "testing.py",
+        "compat/flask_sse.py",
+    }
     assert _importers("flask", "werkzeug", "click") <= allowed
     assert {"extension.py", "views.py"} <= _importers("flask")
 

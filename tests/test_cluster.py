@@ -1,7 +1,8 @@
 """Several gunicorn gevent workers sharing one Redis: every client on every
 worker gets every event, in publish order, through a Redis restart and a
-worker killed with SIGKILL; SIGTERM ends everything within seconds; and a
-worker holds a small fixed number of Redis connections."""
+worker killed with SIGKILL (each over plain TCP and over TLS with the run's
+own CA); SIGTERM ends everything within seconds; and a worker holds a small
+fixed number of Redis connections."""
 
 from __future__ import annotations
 
@@ -29,6 +30,22 @@ StartServer = t.Callable[..., Server]
 WORKERS = 3
 
 
+@pytest.fixture(params=["plain", "tls"])
+def any_redis(
+    request: pytest.FixtureRequest, start_redis: t.Callable[..., RedisServer]
+) -> RedisServer:
+    """A Redis server, over plain TCP or TLS only (rediss://, the CA in
+    EVENTSTREAM_REDIS_OPTIONS)."""
+    return start_redis(tls=request.param == "tls")
+
+
+@pytest.fixture(params=["plain", "tls"])
+def any_redis_aof(
+    request: pytest.FixtureRequest, start_redis: t.Callable[..., RedisServer]
+) -> RedisServer:
+    return start_redis(appendonly=True, tls=request.param == "tls")
+
+
 def start_cluster(
     start_server: StartServer,
     redis: RedisServer,
@@ -37,7 +54,7 @@ def start_cluster(
 ) -> Server:
     server = start_server(
         "gunicorn",
-        env={"EVENTSTREAM_REDIS_URL": redis.url, **env},
+        env={**redis.env(), **env},
         args=["-w", str(workers), "--graceful-timeout", "30"],
     )
     wait_for(lambda: len(server.children()) == workers, 30)
@@ -72,8 +89,9 @@ def open_spread(server: Server, count: int, **kwargs: t.Any) -> list[SSEClient]:
 
 
 def test_every_client_on_every_worker_gets_every_event_in_order(
-    start_server: StartServer, redis_server: RedisServer
+    start_server: StartServer, any_redis: RedisServer
 ):
+    redis_server = any_redis
     server = start_cluster(start_server, redis_server)
     clients = open_spread(server, 30)
     try:
@@ -92,9 +110,9 @@ def test_every_client_on_every_worker_gets_every_event_in_order(
 
 
 def test_redis_restart_mid_run_loses_nothing(
-    start_server: StartServer, redis_server_aof: RedisServer
+    start_server: StartServer, any_redis_aof: RedisServer
 ):
-    redis = redis_server_aof
+    redis = any_redis_aof
     server = start_cluster(start_server, redis, EVENTSTREAM_HEARTBEAT="0.5")
     clients = open_spread(server, 30)
     try:
@@ -129,8 +147,9 @@ def test_redis_restart_mid_run_loses_nothing(
 
 
 def test_worker_killed_clients_resume_elsewhere(
-    start_server: StartServer, redis_server: RedisServer
+    start_server: StartServer, any_redis: RedisServer
 ):
+    redis_server = any_redis
     server = start_cluster(start_server, redis_server)
     # Each logical client: its connections, one after another.
     sessions: list[list[SSEClient]] = [[c] for c in open_spread(server, 30)]

@@ -6,7 +6,7 @@ client receives the same bytes either way."""
 from __future__ import annotations
 
 import json
-import socket
+import pathlib
 import typing as t
 
 import pytest
@@ -120,64 +120,22 @@ def test_http10_client_gets_an_unchunked_body_from_the_server(
         assert writers(server) == {"direct": 0, "server": 1}
 
 
-# -- which responses get a direct writer --
+# -- only where the server's write path is known --
 
 
-class _Stream:
-    def __init__(self) -> None:
-        import types
-
-        from flask_eventstream import _gevent
-
-        self.timing = types.SimpleNamespace(last_write=0.0)
-        self.waker = _gevent.make_waker()
-
-
-def _gunicorn_response(sock: t.Any) -> t.Any:
-    from gunicorn.http.wsgi import Response
-
-    resp = Response.__new__(Response)
-    resp.sock = sock
-    resp.headers_sent = False
-    resp.chunked = False
-    resp.sent = 0
-    resp.response_length = None
-    return resp
-
-
-def test_direct_writer_only_for_known_servers_and_versions(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    import gevent.socket
-    import gunicorn
-
-    from flask_eventstream import _gevent
-
-    stream = _Stream()
-    sock = gevent.socket.socket()
-    try:
-        resp = _gunicorn_response(sock)
-        writer = _gevent.direct_writer(resp, stream)
-        assert writer is not None
-        # Not before the server sent the headers; never for an unchunked body.
-        assert not writer.ready()
-        resp.headers_sent = True
-        assert not writer.ready()
-        resp2 = _gunicorn_response(sock)
-        resp2.headers_sent = resp2.chunked = True
-        writer2 = _gevent.direct_writer(resp2, stream)
-        assert writer2 is not None and writer2.ready()
-
-        # Anything else keeps the server's write path.
-        assert _gevent.direct_writer(None, stream) is None
-        assert _gevent.direct_writer(object(), stream) is None
-        plain = _gunicorn_response(sock)
-        plain.sock = socket.socket()  # not a gevent socket
-        try:
-            assert _gevent.direct_writer(plain, stream) is None
-        finally:
-            plain.sock.close()
-        monkeypatch.setattr(gunicorn, "__version__", "99.0.0")
-        assert _gevent.direct_writer(_gunicorn_response(sock), stream) is None
-    finally:
-        sock.close()
+def test_an_unknown_gunicorn_version_keeps_its_own_write_path(
+    start_server: StartServer, tmp_path: pathlib.Path
+):
+    """gunicorn reporting a major version that was not checked: every frame
+    goes through gunicorn's write path, and arrives the same."""
+    config = tmp_path / "gunicorn_conf.py"
+    config.write_text("import gunicorn\ngunicorn.__version__ = '99.0.0'\n")
+    server = start_server(
+        "gunicorn", env={"EVENTSTREAM_HEARTBEAT": "60"}, args=["-c", str(config)]
+    )
+    with SSEClient(server.port, "/stream/future") as client:
+        pump([client], lambda: client.first_body_at is not None, 5)
+        ids = [server.publish("future", f"f{i}") for i in range(3)]
+        events = client.read_events(3, 5)
+        assert triples(events) == [("message", f"f{i}", ids[i]) for i in range(3)]
+        assert writers(server) == {"direct": 0, "server": 1}

@@ -17,7 +17,7 @@ from flask_eventstream import Event
 from flask_eventstream import EventStream
 from flask_eventstream import eventstream
 from flask_eventstream import signals
-from flask_eventstream._state import state_for
+from flask_eventstream import testing
 from flask_eventstream.broker import Frame
 from flask_eventstream.broker import parse_id
 from flask_eventstream.broker import Subscription
@@ -71,7 +71,15 @@ def test_app_passed_to_the_constructor() -> None:
     app = Flask(__name__)
     ext = EventStream(app)
     assert app.extensions["eventstream"] is ext
-    assert state_for(app).app is app
+    # The app's own state: its events are sent as the app's.
+    senders: list[object] = []
+
+    def on_published(sender: object, **kwargs: object) -> None:
+        senders.append(sender)
+
+    with signals.event_published.connected_to(on_published), app.app_context():
+        ext.publish("lobby", "hi")
+    assert senders == [app]
 
 
 def test_init_app_in_an_app_factory() -> None:
@@ -93,7 +101,7 @@ def test_config_defaults_are_the_documented_table() -> None:
     app = Flask(__name__)
     EventStream(app)
     assert {k: app.config[k] for k in DOCUMENTED_DEFAULTS} == DOCUMENTED_DEFAULTS
-    settings = state_for(app).settings
+    settings = testing.settings(app)
     assert settings.heartbeat == 15
     assert settings.retry == 3000
     assert settings.redis_url is None
@@ -106,9 +114,15 @@ def test_app_config_wins_over_defaults_and_is_read_at_init_app() -> None:
     app.config.update(EVENTSTREAM_RETRY=500, EVENTSTREAM_HISTORY=0)
     EventStream(app)
     assert app.config["EVENTSTREAM_RETRY"] == 500
-    settings = state_for(app).settings
+    settings = testing.settings(app)
     assert (settings.retry, settings.history, settings.queue_size) == (500, 0, 1000)
-    assert state_for(app).retry_bytes == b"retry: 500\n\n"
+
+    @app.get("/r")
+    @eventstream
+    def r() -> t.Any:
+        yield Event(data="x")
+
+    assert app.test_client().get("/r").data == b"retry: 500\n\ndata: x\n\n"
 
 
 @pytest.mark.parametrize(
@@ -150,7 +164,7 @@ def test_two_apps_in_one_process_have_separate_brokers() -> None:
     ext = EventStream()
     app1 = make_app(ext)[0]
     app2 = make_app(ext)[0]
-    assert state_for(app1).broker is not state_for(app2).broker
+    assert testing.broker(app1) is not testing.broker(app2)
     r1 = app1.test_client().get("/s?c=lobby", buffered=False)
     r2 = app2.test_client().get("/s?c=lobby", buffered=False)
     with app1.app_context():

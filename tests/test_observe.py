@@ -6,8 +6,8 @@ import typing as t
 
 import pytest
 
-from flask_eventstream._state import state_for
 from flask_eventstream.observe import Observer
+from flask_eventstream.testing import broker
 from flask_eventstream.testing import read_events
 from tests.support.servers import make_app
 
@@ -40,7 +40,7 @@ class Recorder(Observer):
 def test_the_observer_sees_a_stream_and_its_events_in_order() -> None:
     app, stream = make_app()
     recorder = Recorder()
-    state_for(app).broker.observer = recorder
+    broker(app).observer = recorder
     client = app.test_client()
     response = client.get("/s?c=a", buffered=False)
     with app.app_context():

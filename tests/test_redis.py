@@ -15,7 +15,6 @@ import pytest
 from flask import Flask
 
 from flask_eventstream import PublishError
-from flask_eventstream._state import state_for
 from flask_eventstream.testing import parse
 from flask_eventstream.testing import read_events
 from tests.support.redis import close_app
@@ -55,11 +54,12 @@ def stream_ids(server: RedisServer, channel: str) -> list[str]:
 def wait_registered(app: Flask, channel: str, count: int = 1) -> None:
     """Wait until ``count`` subscribers of ``channel`` are registered with
     the reader (it registers them between two reads of Redis)."""
-    state = state_for(app)
+    stream = app.extensions["eventstream"]
     deadline = time.monotonic() + 5
-    while state.broker.channels().get(channel, 0) < count:
-        assert time.monotonic() < deadline, state.broker.channels()
-        time.sleep(0.005)
+    with app.app_context():
+        while stream.stats()["channels"].get(channel, 0) < count:
+            assert time.monotonic() < deadline, stream.stats()
+            time.sleep(0.005)
 
 
 # -- publish and subscribe --
@@ -433,7 +433,7 @@ def test_reader_cuts_off_streams_that_fell_behind_trimming(
         for i in range(40):
             script(
                 keys=["eventstream:g", "eventstream:~meta"],
-                args=["1", f"tok{i}", "0", "d", f"burst{i}"],
+                args=["1", f"tok{i}", "0", "0", "d", f"burst{i}"],
                 client=pipe,
             )
         burst = [raw.decode() for raw in pipe.execute()]
@@ -596,11 +596,14 @@ def test_a_retried_publish_is_added_once(redis_server: RedisServer):
     admin = redis_server.client()
     script = admin.register_script(PUBLISH)
     keys = ["eventstream:once", "eventstream:~meta"]
-    first = script(keys=keys, args=["10", "tok-a", "0", "d", "x"])
-    other = script(keys=keys, args=["10", "tok-b", "0", "d", "y"])
-    again = script(keys=keys, args=["10", "tok-a", "1", "d", "x"])
+    first = script(keys=keys, args=["10", "tok-a", "0", "0", "d", "x"])
+    other = script(keys=keys, args=["10", "tok-b", "0", "0", "d", "y"])
+    again = script(keys=keys, args=["10", "tok-a", "1", "0", "d", "x"])
     assert again == first != other
     assert stream_ids(redis_server, "once") == [first.decode(), other.decode()]
     # Without the retry flag, the same token adds an event (no lookup cost
     # on the normal path).
-    assert script(keys=keys, args=["10", "tok-a", "0", "d", "x"]) not in (first, other)
+    assert script(keys=keys, args=["10", "tok-a", "0", "0", "d", "x"]) not in (
+        first,
+        other,
+    )

@@ -23,9 +23,10 @@
   let lastEventId = "";
   let reopenTimer = null;
   let reopenAttempts = 0;
+  let handedOver = false;
 
   function setStatus(state) {
-    // One of: connecting, live, reconnecting.
+    // One of: connecting, live, reconnecting (and refused, from people.js).
     if (statusEl.textContent !== state) statusEl.textContent = state;
     statusEl.dataset.state = state;
   }
@@ -113,7 +114,7 @@
     reopenAttempts += 1;
     reopenTimer = setTimeout(() => {
       reopenTimer = null;
-      connect();
+      if (!handedOver) connect();
     }, delay);
   }
 
@@ -157,6 +158,22 @@
   window.addEventListener("pagehide", () => {
     if (source) source.close();
   });
+
+  // For people.js: once a nickname is chosen, a stream opened with a grant
+  // (so that the server knows who is online) takes over from this
+  // anonymous one, resuming from its last event and showing events here.
+  window.lobbyChat = {
+    handlers: { message: onMessage, chat: onMessage, "eventstream-reset": onReset },
+    addItem: addItem,
+    setStatus: setStatus,
+    handOver() {
+      handedOver = true;
+      if (reopenTimer !== null) clearTimeout(reopenTimer);
+      reopenTimer = null;
+      if (source) source.close();
+      return lastEventId;
+    },
+  };
 
   connect();
 })();

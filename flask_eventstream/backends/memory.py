@@ -14,6 +14,7 @@ from ..broker import Frame
 from ..broker import Key
 from ..broker import Sink
 from ..broker import Subscription
+from ..presence import PresenceTable
 from ..sse import Event
 from .planning import replay
 from .planning import reset_reason
@@ -57,6 +58,8 @@ class MemoryBackend:
         self._last: Key = (int(time.time() * 1000), 0)
         #: Ids below this were handed out by an earlier process.
         self._start: Key = self._last
+        self._presence = PresenceTable()
+        self._revoked: dict[str, int] = {}
 
     def _next_key(self) -> Key:
         ms = int(time.time() * 1000)
@@ -133,6 +136,34 @@ class MemoryBackend:
 
     def detach(self, sub: Subscription) -> None:
         pass
+
+    # -- users: this process is every process --
+
+    def track(self, channels: tuple[str, ...], user: str, delta: int) -> None:
+        table = self._presence
+        if delta > 0:
+            changed = table.add(channels, user)
+        else:
+            changed = table.remove(channels, user)
+        table.clear_changes()
+        for channel in changed:
+            self._sink.presence_changed(channel, user, delta > 0)
+
+    def presence(self, channel: str) -> dict[str, int]:
+        return self._presence.users(channel)
+
+    def revoke(self, user: str, at_ms: int) -> None:
+        with self._lock:
+            if at_ms > self._revoked.get(user, 0):
+                self._revoked[user] = at_ms
+        self._sink.note_revoked(user, at_ms)
+        self._sink.control("revoke", None, user)
+
+    def revoked_at(self, user: str) -> int | None:
+        return self._revoked.get(user)
+
+    def disconnect(self, channel: str | None, user: str | None) -> None:
+        self._sink.control("disconnect", channel, user)
 
     def close(self) -> None:
         with self._lock:

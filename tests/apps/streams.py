@@ -88,15 +88,9 @@ def create_app(config: t.Mapping[str, t.Any] | None = None) -> Flask:
 
     @app.get("/writers")
     def writers() -> t.Any:
-        from flask_eventstream._state import state_for
+        from flask_eventstream import testing
 
-        state = state_for(app)
-        direct = sum(
-            1
-            for conn in list(state.live)
-            if conn.writer is not None and conn.writer.ready()
-        )
-        return jsonify(direct=direct, server=len(state.live) - direct)
+        return jsonify(testing.direct_writes(app))
 
     @app.get("/counters")
     def counters() -> t.Any:

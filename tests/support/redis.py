@@ -9,7 +9,8 @@ Fixtures:
     The same with ``--appendonly yes``, for tests that restart it.
 ``start_redis(**options)``
     A factory for servers with other options (``appendonly=True``,
-    ``extra=["--stream-node-max-entries", "2"]``).
+    ``extra=["--stream-node-max-entries", "2"]``, ``tls=True``: TLS only, on
+    a certificate of the run's own CA, see tests/support/tls.py).
 ``redis_app(config=None, server=None)``
     The example app on a Redis server (``redis_server`` by default); its
     backend is closed in teardown.
@@ -30,6 +31,7 @@ import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import tempfile
 import threading
@@ -41,7 +43,7 @@ from collections.abc import Sequence
 
 import pytest
 
-from flask_eventstream._state import state_for
+from flask_eventstream.testing import broker
 from tests.support.servers import ExitedEarly
 from tests.support.servers import free_port
 from tests.support.servers import report_on_failure
@@ -54,6 +56,7 @@ if t.TYPE_CHECKING:
 
     from tests.support.servers import Server
     from tests.support.servers import SSEClient
+    from tests.support.tls import TLSFiles
 
 HOST = "127.0.0.1"
 
@@ -77,11 +80,17 @@ class RedisServer:
         appendonly: bool = False,
         extra: Sequence[str] = (),
         port: int | None = None,
+        tls: TLSFiles | None = None,
+        password: str | None = None,
     ) -> None:
         self.binary = binary
         self.appendonly = appendonly
         self.extra = list(extra)
         self.port = port or free_port()
+        #: With TLS files, the server speaks TLS only (its plain port is off).
+        self.tls = tls
+        #: With a password, clients must AUTH (``requirepass``).
+        self.password = password
         self._tmp = tempfile.TemporaryDirectory(prefix="eventstream-redis-")
         self.dir = self._tmp.name
         self.log_path = os.path.join(self.dir, "redis.log")
@@ -90,7 +99,27 @@ class RedisServer:
 
     @property
     def url(self) -> str:
-        return f"redis://{HOST}:{self.port}/0"
+        scheme = "rediss" if self.tls else "redis"
+        return f"{scheme}://{HOST}:{self.port}/0"
+
+    @property
+    def options(self) -> dict[str, t.Any]:
+        """What EVENTSTREAM_REDIS_OPTIONS needs to reach this server."""
+        return self.tls.redis_options() if self.tls else {}
+
+    def config(self) -> dict[str, t.Any]:
+        """App configuration for this server."""
+        config: dict[str, t.Any] = {"EVENTSTREAM_REDIS_URL": self.url}
+        if self.options:
+            config["EVENTSTREAM_REDIS_OPTIONS"] = self.options
+        return config
+
+    def env(self) -> dict[str, str]:
+        """The same as environment variables, for the example app."""
+        return {
+            k: v if isinstance(v, str) else json.dumps(v)
+            for k, v in self.config().items()
+        }
 
     @property
     def pid(self) -> int:
@@ -102,10 +131,17 @@ class RedisServer:
         return self.proc is not None and self.proc.poll() is None
 
     def argv(self) -> list[str]:
+        if self.tls:
+            ports = ["--port", "0", "--tls-port", str(self.port)]
+            ports += ["--tls-cert-file", self.tls.cert, "--tls-key-file", self.tls.key]
+            ports += ["--tls-ca-cert-file", self.tls.ca, "--tls-auth-clients", "no"]
+        else:
+            ports = ["--port", str(self.port)]
+        if self.password:
+            ports += ["--requirepass", self.password, "--masterauth", self.password]
         argv = [
             self.binary,
-            "--port",
-            str(self.port),
+            *ports,
             "--bind",
             HOST,
             "--dir",
@@ -141,7 +177,19 @@ class RedisServer:
 
     def _ping(self) -> bool:
         try:
-            with socket.create_connection((HOST, self.port), timeout=0.5) as s:
+            with contextlib.ExitStack() as stack:
+                s = stack.enter_context(
+                    socket.create_connection((HOST, self.port), timeout=0.5)
+                )
+                if self.tls:
+                    context = ssl.create_default_context(cafile=self.tls.ca)
+                    s = stack.enter_context(
+                        context.wrap_socket(s, server_hostname=HOST)
+                    )
+                if self.password:
+                    s.sendall(f"AUTH {self.password}\r\n".encode())
+                    if not s.recv(64).startswith(b"+OK"):
+                        return False
                 s.sendall(b"PING\r\n")
                 reply = s.recv(64)
         except OSError:
@@ -166,8 +214,9 @@ class RedisServer:
         import redis
 
         kwargs.setdefault("client_name", "tests")
+        kwargs.setdefault("password", self.password)
         kwargs.setdefault("socket_timeout", 5)
-        client = redis.Redis.from_url(self.url, **kwargs)
+        client = redis.Redis.from_url(self.url, **{**self.options, **kwargs})
         self._clients.append(client)
         return client
 
@@ -190,7 +239,8 @@ class RedisServer:
         self._tmp.cleanup()
 
     def __repr__(self) -> str:
-        return f"<RedisServer :{self.port} pid={self.proc and self.proc.pid}>"
+        tls = " tls" if self.tls else ""
+        return f"<RedisServer :{self.port}{tls} pid={self.proc and self.proc.pid}>"
 
 
 def redis_clients(
@@ -214,7 +264,7 @@ def redis_clients(
 def close_app(app: Flask) -> None:
     """Close an app's broker (its Redis reader and connections)."""
     if "eventstream" in app.extensions:
-        state_for(app).broker.close()
+        broker(app).close()
 
 
 def stream_entries(server: RedisServer, channel: str) -> list[tuple[str, str]]:
@@ -242,6 +292,8 @@ class Publisher(threading.Thread):
         self.accepted: list[tuple[str, str]] = []  # (id, data) of 202s
         self.refused: list[str] = []  # data of 503s
         self.errors: list[str] = []  # other outcomes (must stay empty)
+        #: (time.monotonic() when answered, status) of every POST.
+        self.answers: list[tuple[float, int]] = []
         self.n = 0
 
     def run(self) -> None:
@@ -249,12 +301,15 @@ class Publisher(threading.Thread):
             data = f"e{self.n}"
             self.n += 1
             try:
+                # A publish whose outcome Redis left unsure retries for up to
+                # 10 s.
                 status, raw = self.server.request(
-                    "POST", f"/publish/{self.channel}", {"data": data}
+                    "POST", f"/publish/{self.channel}", {"data": data}, timeout=30
                 )
             except OSError as e:
                 self.errors.append(f"{data}: {e!r}")
                 continue
+            self.answers.append((time.monotonic(), status))
             if status == 202:
                 self.accepted.append((json.loads(raw)["id"], data))
             elif status == 503:
@@ -294,7 +349,7 @@ pytest_runtest_makereport = report_on_failure(
 
 @pytest.fixture
 def start_redis(request: pytest.FixtureRequest) -> Iterator[Callable[..., RedisServer]]:
-    """``start_redis(appendonly=False, extra=())`` -> a running
+    """``start_redis(appendonly=False, extra=(), tls=False)`` -> a running
     :class:`RedisServer`, killed by PID in teardown."""
     from tests.conftest import require_tool
 
@@ -302,8 +357,11 @@ def start_redis(request: pytest.FixtureRequest) -> Iterator[Callable[..., RedisS
     servers: list[RedisServer] = []
     request.node.stash[_REDIS] = servers
 
-    def start(*, appendonly: bool = False, extra: Sequence[str] = ()) -> RedisServer:
-        server = RedisServer(binary, appendonly=appendonly, extra=extra)
+    def start(
+        *, appendonly: bool = False, extra: Sequence[str] = (), tls: bool = False
+    ) -> RedisServer:
+        files = request.getfixturevalue("tls_files") if tls else None
+        server = RedisServer(binary, appendonly=appendonly, extra=extra, tls=files)
         servers.append(server)
         return server.start()
 
@@ -334,8 +392,7 @@ def redis_app(
     def make(
         config: t.Mapping[str, t.Any] | None = None, server: RedisServer | None = None
     ) -> Flask:
-        url = (server or redis_server).url
-        app = create_app({"EVENTSTREAM_REDIS_URL": url, **(config or {})})
+        app = create_app({**(server or redis_server).config(), **(config or {})})
         apps.append(app)
         return app
 

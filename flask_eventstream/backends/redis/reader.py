@@ -43,6 +43,7 @@ from ..planning import replay
 from ..planning import reset_reason
 from .client import as_key
 from .client import Client
+from .client import TooFewReplicas
 
 __all__ = ["SIZE_ID", "Encoded", "Pending", "Reader", "entry_event", "plan"]
 
@@ -173,8 +174,16 @@ class Reader:
         prefix: str,
         history: int,
         encoded: dict[bytes, Encoded],
+        control_key: str | None = None,
+        on_control: t.Callable[[t.Any], None] | None = None,
     ) -> None:
         self._client = client
+        #: The stream of control messages (revoke, disconnect) read along
+        #: with the channels, and what to do with its entries.
+        self._control_key = control_key
+        self._on_control = on_control
+        #: The id after which control messages are read; set once connected.
+        self._control_position: str | None = None
         self._sink = sink
         self._prefix = prefix
         self._history = history
@@ -248,13 +257,7 @@ class Reader:
             try:
                 unblocked = self._client.publisher().client_unblock(reader_id)
             except ResponseError:
-                log.warning(
-                    "CLIENT UNBLOCK is not allowed on %s: new subscriptions"
-                    " wait for the reader to poll (every %d ms).",
-                    self._client.where,
-                    BLOCK_MS_NO_UNBLOCK,
-                )
-                self._unblock = False
+                self._no_unblock()
                 return
             except (RedisError, OSError):
                 return  # the reader reconnects, then registers
@@ -264,6 +267,26 @@ class Reader:
             # one, unless that one was already on its way.
             _gevent.sleep(delay)
             delay *= 2
+
+    def _no_unblock(self) -> None:
+        if self._unblock:
+            self._unblock = False
+            log.warning(
+                "CLIENT UNBLOCK is not allowed on %s: new subscriptions"
+                " wait for the reader to poll (every %d ms).",
+                self._client.where,
+                BLOCK_MS_NO_UNBLOCK,
+            )
+
+    def _check_unblock(self, reader: redis.Redis, client_id: int) -> None:
+        """Find out, before the first blocking read, whether the reader can
+        be woken (unblocking itself, which is not blocked, does nothing)."""
+        if not self._unblock:
+            return
+        try:
+            reader.client_unblock(client_id)
+        except ResponseError:
+            self._no_unblock()
 
     # -- the loop --
 
@@ -289,22 +312,30 @@ class Reader:
             while not self.closed and self._pid == os.getpid():
                 try:
                     if reader is None:
-                        pool = redis.ConnectionPool.from_url(
-                            self._client.url,
+                        reader = self._client.connector.client(
+                            "reader",
                             max_connections=1,
                             **self._client.options(
                                 "reader", socket_timeout=BLOCK_MS / 1000 + 5
                             ),
                         )
-                        reader = redis.Redis(connection_pool=pool)
                     if client_id is None:
-                        client_id = self._reader_id = int(reader.client_id())
+                        client_id = int(reader.client_id())
+                        self._check_unblock(reader, client_id)
+                        self._reader_id = client_id
                         if failures:
                             log.warning(
                                 "Redis at %s is back; reading events again.", where
                             )
                         failures = 0
                     wakeup.clear()
+                    if self._control_key and self._control_position is None:
+                        # Control messages from now on: a stream opened
+                        # before this checked revocations in Redis itself.
+                        top: t.Any = reader.xrevrange(self._control_key, count=1)
+                        self._control_position = (
+                            top[0][0].decode("ascii") if top else "0-0"
+                        )
                     self._register(reader)
                     streams = self._streams()
                     if not streams:
@@ -318,8 +349,10 @@ class Reader:
                     idle_since = None
                     block = BLOCK_MS if self._unblock else BLOCK_MS_NO_UNBLOCK
                     reply = reader.xread(t.cast(t.Any, streams), block=block)
-                    if reply:
+                    if reply and self._client.replicated(reader):
                         self._dispatch(reply)
+                except TooFewReplicas:
+                    pass  # registration waits for the replicas, like reading
                 except (RedisError, OSError) as e:
                     disconnect()
                     failures += 1
@@ -352,13 +385,17 @@ class Reader:
             return True
 
     def _streams(self) -> dict[str, str]:
-        """What to XREAD: every channel with registered subscriptions."""
+        """What to XREAD: every channel with registered subscriptions, and
+        the control stream while there are any."""
         with self._lock:
             positions = self._positions
             subscribers = self._sink.subscribers
             for channel in [c for c in positions if not subscribers(c)]:
                 del positions[channel]
-            return {self._prefix + c: format_id(k) for c, k in positions.items()}
+            streams = {self._prefix + c: format_id(k) for c, k in positions.items()}
+        if streams and self._control_key and self._control_position is not None:
+            streams[self._control_key] = self._control_position
+        return streams
 
     # -- registering --
 
@@ -388,6 +425,8 @@ class Reader:
             [self._prefix + c for c in channels],
             [next_id(starts[c]) for c in channels],
         )
+        if not self._client.replicated(reader):
+            raise TooFewReplicas("registration waits for the replicas")
         counter = as_key(reply[0])
         epoch = as_key(reply[1])
         server_ms = int(reply[2])
@@ -472,7 +511,14 @@ class Reader:
         items: list[Entry] = []
         plen = len(self._prefix)
         pairs = reply.items() if isinstance(reply, dict) else reply
+        control = self._control_key.encode() if self._control_key else None
         for stream, raw_entries in pairs:
+            if stream == control:
+                if raw_entries:
+                    self._control_position = raw_entries[-1][0].decode("ascii")
+                if self._on_control is not None:
+                    self._on_control(raw_entries)
+                continue
             channel = stream.decode("utf-8")[plen:]
             for raw_id, fields in raw_entries:
                 event_id = raw_id.decode("ascii")

@@ -16,12 +16,27 @@ local now = tonumber(tm[1]) * 1000 + math.floor(tonumber(tm[2]) / 1000)
 """
 
 #: Publish one event. KEYS: stream, meta. ARGV: maxlen, token, retry flag,
-#: then field/value pairs. The id continues the server-wide counter (or this
-#: stream's newest entry, and starts a new epoch, if the counter was lost).
-#: On a retry, an entry of the last minute carrying the same token means the
-#: first attempt went through: its id is returned and nothing is added.
+#: replicas needed, then field/value pairs. The id continues the server-wide
+#: counter (or this stream's newest entry, and starts a new epoch, if the
+#: counter was lost). On a retry, an entry of the last minute carrying the
+#: same token means the first attempt went through: its id is returned and
+#: nothing is added. With fewer replicas online than needed (a master just
+#: promoted), nothing is written.
 PUBLISH = (
-    _CLOCK
+    """
+local need = tonumber(ARGV[4])
+if need > 0 then
+  local online = 0
+  for _ in string.gmatch(redis.call('INFO', 'replication'), 'state=online') do
+    online = online + 1
+  end
+  if online < need then
+    return redis.error_reply(string.format(
+      'NOREPLICAS %d of %d replicas online', online, need))
+  end
+end
+"""
+    + _CLOCK
     + """
 if ARGV[3] == '1' then
   local recent = redis.call('XRANGE', KEYS[1], string.format('%.0f', now - 60000), '+')
@@ -48,7 +63,7 @@ local id = string.format('%.0f-%.0f', ms, seq)
 if not last then redis.call('HSET', KEYS[2], 'epoch', id) end
 redis.call('HSET', KEYS[2], 'last', id)
 local cmd = {'XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], id, 't', ARGV[2], 'p', prev}
-for i = 4, #ARGV do cmd[#cmd + 1] = ARGV[i] end
+for i = 5, #ARGV do cmd[#cmd + 1] = ARGV[i] end
 redis.call(unpack(cmd))
 return id
 """

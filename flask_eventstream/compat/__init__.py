@@ -1,0 +1,1 @@
+"""Drop-in replacements for other Flask SSE libraries' APIs."""
