@@ -73,7 +73,11 @@ def direct_writes(app: t.Any) -> dict[str, int]:
     .. versionadded:: 0.2
     """
     live = list(state_for(app).live)
-    direct = sum(1 for conn in live if conn.writer is not None and conn.writer.ready())
+    direct = 0
+    for conn in live:
+        writer = getattr(conn, "writer", None)
+        if writer is not None and writer.ready():
+            direct += 1
     return {"direct": direct, "server": len(live) - direct}
 
 
