@@ -80,6 +80,31 @@ class Collector:
         self.statuses: dict[str, int] = {}
         #: ``{(round, cross_group): [latency seconds, ...]}`` in latency mode.
         self.latencies: dict[tuple[bytes, bool], list[float]] = {}
+        #: Resolved when :attr:`events` reaches :attr:`target`.
+        self.target: int | None = None
+        self.reached: asyncio.Future[None] | None = None
+
+    async def wait_events(self, target: int, timeout: float) -> bool:
+        """Wait until :attr:`events` is at least ``target``; ``False`` on
+        timeout. Resolved from the stream that counts the last block, so a
+        closed-loop publisher loses no polling interval."""
+        if self.events >= target:
+            return True
+        self.target = target
+        self.reached = asyncio.get_running_loop().create_future()
+        try:
+            await asyncio.wait_for(self.reached, timeout)
+            return True
+        except asyncio.TimeoutError:
+            return False
+        finally:
+            self.target = self.reached = None
+
+    def _check(self) -> None:
+        if self.target is not None and self.events >= self.target:
+            reached = self.reached
+            if reached is not None and not reached.done():
+                reached.set_result(None)
 
     def take(self, round_id: int, cross: bool | None = None) -> list[float]:
         key = str(round_id).encode()
@@ -173,6 +198,8 @@ class StreamProto(asyncio.Protocol):
             self._ready(True)
         c = self.c
         c.events += n
+        if c.target is not None:
+            c._check()
         if c.parse and n:
             now = time.time()
             group = self.group
@@ -266,7 +293,8 @@ def close_all(streams: list[StreamProto]) -> None:
 class HttpConn(asyncio.Protocol):
     """A keep-alive HTTP/1.1 connection for POSTs, one request at a time."""
 
-    def __init__(self, group: int = 0) -> None:
+    def __init__(self, group: int = 0, port: int = 0) -> None:
+        self.port = port
         self.transport: asyncio.Transport | None = None
         self.buf = b""
         self.future: asyncio.Future[int] | None = None
@@ -301,6 +329,15 @@ class HttpConn(asyncio.Protocol):
             future.set_exception(ConnectionError("publisher connection lost"))
 
     async def post(self, path: str, body: bytes, timeout: float = 30.0) -> int:
+        if self.transport is None and self.port:
+            # Closed by the server while idle: a client would reconnect.
+            self.buf = b""
+            await asyncio.wait_for(
+                asyncio.get_running_loop().create_connection(
+                    lambda: self, "127.0.0.1", self.port
+                ),
+                10.0,
+            )
         if self.transport is None:
             raise ConnectionError("publisher connection closed")
         self.busy = True
@@ -327,7 +364,7 @@ async def open_publishers(port: int, count: int) -> list[HttpConn]:
     loop = asyncio.get_running_loop()
     conns = []
     for _ in range(count):
-        conn = HttpConn()
+        conn = HttpConn(port=port)
         await asyncio.wait_for(
             loop.create_connection(lambda c=conn: c, "127.0.0.1", port),  # type: ignore[misc]
             10.0,
@@ -389,7 +426,7 @@ async def publish_schedule(
         pool = [c for c in conns if c.group == group] or conns
         conn = None
         for _ in range(3000):  # at most 30 s for a connection to come free
-            conn = next((c for c in pool if not c.busy and c.transport), None)
+            conn = next((c for c in pool if not c.busy), None)
             if conn is not None:
                 break
             await asyncio.sleep(0.01)

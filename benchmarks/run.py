@@ -33,12 +33,20 @@ from benchmarks import loadclient as lc  # noqa: E402
 from benchmarks import procfs  # noqa: E402
 from benchmarks import profiling  # noqa: E402
 from benchmarks import report  # noqa: E402
+from benchmarks import sendcost  # noqa: E402
 from benchmarks import servers  # noqa: E402
 from benchmarks.report import ratio  # noqa: E402
 from benchmarks.report import Row  # noqa: E402
 from benchmarks.report import side_by_side  # noqa: E402
 
-MEASUREMENTS = ("connections", "fanout", "throughput", "cleanup", "redis")
+MEASUREMENTS = (
+    "connections",
+    "fanout",
+    "unbatched",
+    "throughput",
+    "cleanup",
+    "redis",
+)
 KINDS = ("library", "baseline")
 OUT = Path(__file__).resolve().parent / "out"
 
@@ -46,15 +54,20 @@ OUT = Path(__file__).resolve().parent / "out"
 @dataclasses.dataclass
 class Config:
     quick: bool
-    connection_ns: tuple[int, ...] = (1000, 5000, 10000)
-    fanout_ns: tuple[int, ...] = (1000, 5000)
+    connection_ns: tuple[int, ...] = (1000, 5000, 10000, 19500)
+    fanout_ns: tuple[int, ...] = (1000, 5000, 10000)
     events: int = 50
     event_rate: float = 10.0
     rounds: int = 3
     drain: float = 30.0
     throughput_subscribers: int = 1000
-    throughput_publishers: int = 8
+    throughput_publishers: int = 4
     throughput_seconds: float = 10.0
+    #: The unbatched regime: one publisher, one event in flight at a time.
+    unbatched_subscribers: int = 1000
+    unbatched_events: int = 300
+    #: Sends per round of the bare send() micro-benchmark.
+    send_count: int = 100_000
     cleanup_streams: int = 1000
     cleanup_giveup: float = 60.0
     redis_subscribers: int = 1000
@@ -76,6 +89,9 @@ class Config:
                 drain=10.0,
                 throughput_subscribers=200,
                 throughput_seconds=3.0,
+                unbatched_subscribers=200,
+                unbatched_events=100,
+                send_count=20_000,
                 cleanup_streams=200,
                 cleanup_giveup=10.0,
                 redis_subscribers=200,
@@ -159,9 +175,16 @@ class Suite:
 
     async def connections(self) -> None:
         for n in self.cfg.connection_ns:
-            rec: dict[str, t.Any] = {"measurement": "connections", "n": n}
+            rec: dict[str, t.Any] = {
+                "measurement": "connections",
+                "n": n,
+                "rounds": self.cfg.rounds,
+            }
             for kind in KINDS:
-                rec[kind] = await self._connections(kind, n)
+                runs = [
+                    await self._connections(kind, n) for _ in range(self.cfg.rounds)
+                ]
+                rec[kind] = _median_of(runs, worst={"served": min, "failed": max})
             lib, base = rec["library"], rec["baseline"]
             rec["ratio"] = {
                 "served": ratio(lib["served"], base["served"]),
@@ -186,8 +209,18 @@ class Suite:
                 side_by_side("idle server RSS (MB)", lib, base, "idle_rss_mb"),
                 side_by_side("RSS with streams (MB)", lib, base, "rss_mb"),
                 side_by_side("open rate (streams/s)", lib, base, "open_rate"),
+                (
+                    "RSS per stream per round (KB)",
+                    _join(lib, "rss_per_stream_kb"),
+                    _join(base, "rss_per_stream_kb"),
+                    None,
+                ),
             ]
-            self.emit(rec, f"connections: {n:,} idle streams", rows)
+            title = (
+                f"connections: {n:,} idle streams, median of"
+                f" {self.cfg.rounds} round(s), a fresh server each"
+            )
+            self.emit(rec, title, rows)
 
     async def _connections(self, kind: str, n: int) -> dict[str, t.Any]:
         cfg = self.cfg
@@ -426,6 +459,210 @@ class Suite:
                 p.close()
             await asyncio.sleep(0.2)
 
+    # -- unbatched regime and the bare send() -----------------------------
+
+    async def unbatched(self) -> None:
+        """One publisher with one event in flight: each event is written to
+        each subscriber on its own, and the next one is published when every
+        subscriber has it. Server CPU per delivery, next to the CPU of one
+        plain ``send()`` of the same bytes."""
+        cfg = self.cfg
+        n = cfg.unbatched_subscribers
+        rec: dict[str, t.Any] = {
+            "measurement": "unbatched",
+            "n": n,
+            "events": cfg.unbatched_events,
+            "rounds": cfg.rounds,
+        }
+        sample = b""
+        for kind in KINDS:
+            srv = self.start(kind)
+            try:
+                rec[kind] = await self._unbatched(srv, n)
+                if kind == "library":
+                    sample = rec[kind].pop("sample")
+                else:
+                    rec[kind].pop("sample")
+            finally:
+                srv.stop()
+        rec["send"] = await self._sendcost(sample, n)
+        lib, base, send = rec["library"], rec["baseline"], rec["send"]
+        rec["ratio"] = {
+            k: ratio(lib[k], base[k]) for k in ("us_per_delivery", "deliveries_per_s")
+        }
+        rec["ratio"]["delivery_vs_send"] = ratio(
+            lib["us_per_delivery"], send["us_per_send"]
+        )
+        rec["ratio"]["delivery_vs_send_tight"] = ratio(
+            lib["us_per_delivery"], send["us_per_send_tight"]
+        )
+        rows: list[Row] = [
+            side_by_side("subscribers served", lib, base, "served"),
+            side_by_side("server CPU per delivery (us)", lib, base, "us_per_delivery"),
+            (
+                "server CPU per delivery, per round (us)",
+                _join(lib, "us_per_delivery"),
+                _join(base, "us_per_delivery"),
+                None,
+            ),
+            side_by_side("deliveries/s", lib, base, "deliveries_per_s"),
+            side_by_side("events/s (one in flight)", lib, base, "events_per_s"),
+            (
+                "share of server CPU in the kernel (stime)",
+                lib["server_system_share"],
+                base["server_system_share"],
+                None,
+            ),
+            (
+                "server-CPU softirq us per delivery (not in the above)",
+                lib["softirq_us_per_delivery"],
+                base["softirq_us_per_delivery"],
+                None,
+            ),
+            ("completeness", lib["completeness"], base["completeness"], None),
+            (
+                f"bare send() of the same {send['bytes']} bytes, one to each of"
+                f" {send['sockets']:,} sockets per burst (us CPU)",
+                send["us_per_send"],
+                send["us_per_send"],
+                None,
+            ),
+            (
+                "server CPU per delivery / bare send()",
+                rec["ratio"]["delivery_vs_send"],
+                ratio(base["us_per_delivery"], send["us_per_send"]),
+                None,
+            ),
+            (
+                "bare send() in a tight loop over the same sockets (us CPU)",
+                send["us_per_send_tight"],
+                send["us_per_send_tight"],
+                None,
+            ),
+            (
+                "server CPU per delivery / tight-loop send()",
+                rec["ratio"]["delivery_vs_send_tight"],
+                ratio(base["us_per_delivery"], send["us_per_send_tight"]),
+                None,
+            ),
+        ]
+        title = (
+            f"unbatched: {n:,} subscribers, 1 publisher, one event in flight,"
+            f" {cfg.unbatched_events} events per round, median of"
+            f" {cfg.rounds} round(s)"
+        )
+        self.emit(rec, title, rows)
+
+    async def _unbatched(
+        self, srv: servers.Server, n: int, path: str = "unb"
+    ) -> dict[str, t.Any]:
+        cfg = self.cfg
+        await self.warmup(srv)
+        col = lc.Collector()
+        streams, _ = await lc.open_streams(
+            srv.port,
+            f"/stream/{path}",
+            n,
+            col,
+            rate=cfg.open_rate,
+            max_pending=cfg.open_pending,
+            timeout=cfg.open_timeout(n),
+        )
+        sampler = _Sampler()
+        loop = asyncio.get_running_loop()
+        await loop.create_connection(lambda: sampler, "127.0.0.1", srv.port)
+        sampler.transport.write(lc.stream_request(f"/stream/{path}"))  # type: ignore[union-attr]
+        pubs = await lc.open_publishers(srv.port, 1)
+        pub = pubs[0]
+        served = col.primed
+        try:
+            await wait_for(lambda: sampler.chunks >= 1, 10.0)
+            # Warm-up events, not counted.
+            for _ in range(5):
+                target = col.events + served
+                await pub.post(f"/publish/{path}", lc.event_body(0, 0, time.time()))
+                await col.wait_events(target, cfg.drain)
+            await asyncio.sleep(0.3)
+            runs = []
+            for r in range(1, cfg.rounds + 1):
+                start = col.events
+                t0, c0, s0 = loop.time(), srv.cpu(), srv.system_cpu()
+                q0 = procfs.softirq_seconds(servers.SERVER_CPU)
+                complete = True
+                for _ in range(cfg.unbatched_events):
+                    target = col.events + served
+                    status = await pub.post(
+                        f"/publish/{path}", lc.event_body(r, 0, time.time())
+                    )
+                    if status != 202 or not await col.wait_events(target, cfg.drain):
+                        got = col.events - target + served
+                        self.say(
+                            f"unbatched: publish {status}, {got} of {served}"
+                            f" deliveries after {cfg.drain:g} s"
+                        )
+                        complete = False
+                        break
+                t1, c1, s1 = loop.time(), srv.cpu(), srv.system_cpu()
+                q1 = procfs.softirq_seconds(servers.SERVER_CPU)
+                got = col.events - start
+                expected = served * cfg.unbatched_events
+                runs.append(
+                    {
+                        "served": served,
+                        "us_per_delivery": round((c1 - c0) / got * 1e6, 3)
+                        if got
+                        else None,
+                        "deliveries_per_s": round(got / (t1 - t0)),
+                        "events_per_s": round(got / served / (t1 - t0), 1),
+                        "server_system_share": round((s1 - s0) / (c1 - c0), 3)
+                        if c1 > c0
+                        else None,
+                        "softirq_us_per_delivery": round((q1 - q0) / got * 1e6, 3)
+                        if got
+                        else None,
+                        "completeness": round(got / expected, 4) if complete else 0,
+                        "server_cpu_s": round(c1 - c0, 3),
+                    }
+                )
+                await asyncio.sleep(0.3)
+            result = _median_of(runs, worst={"completeness": min})
+            result["sample"] = sampler.last_chunk
+            return result
+        finally:
+            lc.close_all(streams)
+            sampler.close()
+            for p in pubs:
+                p.close()
+            await asyncio.sleep(0.2)
+
+    async def _sendcost(self, sample: bytes, n: int) -> dict[str, t.Any]:
+        """The bare send() micro-benchmark on ``n`` sockets: paced like the
+        unbatched fan-out (one send to each socket, then wait until the
+        client has the burst: the reference), and in a tight loop (where the
+        kernel moves loopback's receiving side to ksoftirqd, charged to no
+        process); a median of rounds each."""
+        if not sample:
+            sample = sendcost.chunk(b"data: " + b"x" * 150 + b"\n\n")
+        paced = [
+            await sendcost.measure(sample, sockets=n, sends=self.cfg.send_count)
+            for _ in range(self.cfg.rounds)
+        ]
+        tight = [
+            await sendcost.measure(
+                sample, sockets=n, sends=3 * self.cfg.send_count, paced=False
+            )
+            for _ in range(self.cfg.rounds)
+        ]
+        return {
+            "bytes": len(sample),
+            "sockets": n,
+            "us_per_send": statistics.median(r["us_per_send"] for r in paced),
+            "us_per_send_tight": statistics.median(r["us_per_send"] for r in tight),
+            "rounds": paced,
+            "rounds_tight": tight,
+            "payload": sample.decode("latin-1"),
+        }
+
     # -- throughput -----------------------------------------------------
 
     async def throughput(self) -> None:
@@ -477,6 +714,20 @@ class Suite:
             )
             for label, key, show in labels
         ]
+        for label, key in (
+            ("deliveries/s per round", "deliveries_per_s"),
+            ("CPU s per 100k per round", "cpu_s_per_100k"),
+        ):
+            rows.append(
+                (
+                    label,
+                    _join(lib, key),
+                    _join(base, key),
+                    None,
+                    _join(nodelay, key),
+                    None,
+                )
+            )
         headers = (
             "metric",
             "library",
@@ -488,18 +739,22 @@ class Suite:
         title = (
             f"throughput: {cfg.throughput_subscribers:,} subscribers,"
             f" {cfg.throughput_publishers} closed-loop publishers,"
-            f" {cfg.throughput_seconds:g} s"
+            f" {cfg.throughput_seconds:g} s, median of {cfg.rounds} round(s)"
         )
         self.emit(rec, title, rows, headers)
 
-    async def _throughput(self, srv: servers.Server) -> dict[str, t.Any]:
+    async def _throughput(
+        self, srv: servers.Server, path: str = "tput"
+    ) -> dict[str, t.Any]:
+        """Closed-loop publishers over the same subscribers, in rounds (a
+        median of them is reported)."""
         cfg = self.cfg
         await self.warmup(srv)
         col = lc.Collector()
         n = cfg.throughput_subscribers
         streams, _ = await lc.open_streams(
             srv.port,
-            "/stream/tput",
+            f"/stream/{path}",
             n,
             col,
             rate=cfg.open_rate,
@@ -507,10 +762,43 @@ class Suite:
             timeout=cfg.open_timeout(n),
         )
         pubs = await lc.open_publishers(srv.port, cfg.throughput_publishers)
+        try:
+            runs = []
+            for r in range(cfg.rounds):
+                last = r == cfg.rounds - 1
+                runs.append(
+                    await self._throughput_round(
+                        srv, col, pubs, path, profile=last and cfg.profile
+                    )
+                )
+            result = _median_of(runs, worst={"completeness": min, "lost_streams": max})
+            result["served"] = col.primed
+            result["deliveries_per_s_slices"] = [
+                x for r in runs for x in r["deliveries_per_s_slices"]
+            ]
+            if "profile" in runs[-1]:
+                result["profile"] = runs[-1]["profile"]
+            return result
+        finally:
+            lc.close_all(streams)
+            for p in pubs:
+                p.close()
+            await asyncio.sleep(0.2)
+
+    async def _throughput_round(
+        self,
+        srv: servers.Server,
+        col: lc.Collector,
+        pubs: list[lc.HttpConn],
+        path: str,
+        profile: bool,
+    ) -> dict[str, t.Any]:
+        cfg = self.cfg
         stop = asyncio.Event()
         stats = lc.PublishStats()
+        events0 = col.events
         task = asyncio.ensure_future(
-            lc.publish_closed_loop(pubs, "/publish/tput", stop, stats)
+            lc.publish_closed_loop(pubs, f"/publish/{path}", stop, stats)
         )
         try:
             await asyncio.sleep(1.0)
@@ -539,17 +827,16 @@ class Suite:
                 (b[1] - a[1]) / (b[0] - a[0])
                 for a, b in zip(samples, samples[1:], strict=False)
             ]
-            profile = None
-            if cfg.profile and srv.kind in KINDS:
-                profile = await self._profile(srv, "throughput")
+            prof = None
+            if profile and srv.kind in KINDS:
+                prof = await self._profile(srv, "throughput")
             stop.set()
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(task, 30.0)
-            expected = stats.ok * col.primed
-            await wait_for(lambda: col.events >= expected, cfg.drain)
+            expected = events0 + stats.ok * col.primed
+            await col.wait_events(expected, cfg.drain)
             dt, de = t1 - t0, e1 - e0
-            result = {
-                "served": col.primed,
+            result: dict[str, t.Any] = {
                 "deliveries_per_s": round(de / dt, 1),
                 "cpu_s_per_100k": round((c1 - c0) / de * 1e5, 3) if de else None,
                 "publishes_per_s": round((p1 - p0) / dt, 1),
@@ -560,20 +847,19 @@ class Suite:
                 "client_cpu_s_per_100k": round((k1 - k0) / de * 1e5, 3) if de else None,
                 "softirq_s_per_100k": round((q1 - q0) / de * 1e5, 3) if de else None,
                 "deliveries_per_s_slices": [round(r) for r in rates],
-                "completeness": round(col.events / expected, 4) if expected else None,
+                "completeness": round((col.events - events0) / (expected - events0), 4)
+                if expected > events0
+                else None,
                 "lost_streams": col.lost,
                 "publish_errors": stats.errors,
             }
-            if profile is not None:
-                result["profile"] = profile
+            if prof is not None:
+                result["profile"] = prof
             return result
         finally:
             stop.set()
             task.cancel()
-            lc.close_all(streams)
-            for p in pubs:
-                p.close()
-            await asyncio.sleep(0.2)
+            await asyncio.sleep(0.5)
 
     async def _profile(
         self, srv: servers.Server, what: str, seconds: float | None = None
@@ -709,10 +995,13 @@ class Suite:
                 rec["library"] = await self._latency(
                     srv, n, "rfan", groups=2, classify=self._classifier(srv, redis)
                 )
+                self.say("Redis: server CPU per delivery, both regimes")
+                rec["cpu"] = await self._redis_cpu(srv, redis)
             finally:
                 srv.stop()
         finally:
             redis.stop()
+        await self._memory_cpu(rec)
         memory = self._memory_p99(n)
         if memory is None:
             self.say("no in-memory fan-out figure at this N in this run: measuring one")
@@ -760,7 +1049,91 @@ class Suite:
             ("all p99 (ms)", lib["p99_ms"], memory, rec["ratio"]["p99_vs_memory_p99"]),
             ("completeness", lib["completeness"], None, None),
         ]
+        cpu = rec["cpu"]
+        for label, key, unit in (
+            ("unbatched", "us_per_delivery", "us"),
+            ("4 publishers", "cpu_s_per_100k", "s per 100k"),
+        ):
+            regime = "unbatched" if key == "us_per_delivery" else "throughput"
+            mine, mem = cpu[regime].get(key), cpu["memory"][regime].get(key)
+            rows.append(
+                (
+                    f"server CPU per delivery, {label} ({unit})",
+                    mine,
+                    mem,
+                    ratio(mine, mem),
+                )
+            )
+        rows.append(
+            (
+                "redis-server CPU per delivery, unbatched (us)",
+                cpu["unbatched"].get("redis_us_per_delivery"),
+                None,
+                None,
+            )
+        )
+        rows.append(
+            (
+                "deliveries/s, 4 publishers",
+                cpu["throughput"].get("deliveries_per_s"),
+                cpu["memory"]["throughput"].get("deliveries_per_s"),
+                ratio(
+                    cpu["throughput"].get("deliveries_per_s"),
+                    cpu["memory"]["throughput"].get("deliveries_per_s"),
+                ),
+            )
+        )
+        rec["ratio"]["cpu_per_delivery_throughput"] = ratio(
+            cpu["throughput"].get("cpu_s_per_100k"),
+            cpu["memory"]["throughput"].get("cpu_s_per_100k"),
+        )
+        rec["ratio"]["cpu_per_delivery_unbatched"] = ratio(
+            cpu["unbatched"].get("us_per_delivery"),
+            cpu["memory"]["unbatched"].get("us_per_delivery"),
+        )
         self.emit(rec, f"Redis: {n:,} streams on 2 workers", rows, headers)
+
+    async def _redis_cpu(
+        self, srv: servers.Server, redis: servers.RedisServer
+    ) -> dict[str, t.Any]:
+        """Server CPU per delivery on the Redis server, in both regimes, with
+        redis-server's own CPU beside it."""
+        cfg = self.cfg
+        r0 = procfs.cpu_seconds(redis.proc.pid)
+        unbatched = await self._unbatched(srv, cfg.unbatched_subscribers, "runb")
+        used = procfs.cpu_seconds(redis.proc.pid) - r0
+        unbatched.pop("sample", None)
+        # Warm-up events included: an upper bound.
+        deliveries = cfg.rounds * cfg.unbatched_events * unbatched["served"]
+        unbatched["redis_us_per_delivery"] = (
+            round(used / deliveries * 1e6, 3) if deliveries else None
+        )
+        throughput = await self._throughput(srv, "rtput")
+        return {"unbatched": unbatched, "throughput": throughput}
+
+    async def _memory_cpu(self, rec: dict[str, t.Any]) -> None:
+        """The in-memory single worker's figures of this run for the same
+        regimes (measured now if the run did not include them)."""
+        memory: dict[str, t.Any] = {}
+        for regime in ("unbatched", "throughput"):
+            found = next(
+                (r for r in self.results if r.get("measurement") == regime), None
+            )
+            if found is not None and "library" in found:
+                memory[regime] = found["library"]
+                continue
+            self.say(f"no in-memory {regime} figure in this run: measuring one")
+            srv = self.start("library")
+            try:
+                if regime == "unbatched":
+                    res = await self._unbatched(srv, self.cfg.unbatched_subscribers)
+                    res.pop("sample", None)
+                else:
+                    res = await self._throughput(srv)
+            finally:
+                srv.stop()
+            memory[regime] = res
+        rec.setdefault("cpu", {})["memory"] = memory
 
     def _redis_unavailable(
         self, rec: dict[str, t.Any], reason: str, detail: list[str] | None = None
@@ -866,6 +1239,47 @@ def _owners(workers: list[int], port: int) -> dict[int, int]:
     return owner
 
 
+class _Sampler(lc.StreamProto):
+    """A stream that keeps the raw bytes of its last write: the chunk a
+    delivery puts on the wire, for the send() micro-benchmark."""
+
+    def __init__(self) -> None:
+        super().__init__(lc.Collector(), b"", lambda: None)
+        self.raw = b""
+        self.chunks = 0
+        self.last_chunk = b""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = t.cast(asyncio.Transport, transport)
+        lc._rst_on_close(transport)
+
+    def data_received(self, data: bytes) -> None:
+        raw = self.raw + data
+        if not self.open:
+            end = raw.find(b"\r\n\r\n")
+            if end < 0:
+                self.raw = raw[-65536:]
+                return
+            self.open = True
+            raw = raw[end + 4 :]
+        # Whole chunks: "<hex size>\r\n<data>\r\n".
+        while True:
+            line = raw.find(b"\r\n")
+            if line < 0:
+                break
+            try:
+                size = int(raw[:line], 16)
+            except ValueError:
+                break
+            end = line + 2 + size + 2
+            if len(raw) < end:
+                break
+            self.last_chunk = raw[:end]
+            self.chunks += 1
+            raw = raw[end:]
+        self.raw = raw
+
+
 async def background(seconds: float = 1.0) -> dict[str, float]:
     """Share of each CPU busy over ``seconds`` while the suite is idle."""
     before = procfs.cpu_ticks()
@@ -893,6 +1307,33 @@ def _ms(value: float | None) -> float | None:
 def _median(rows: list[dict[str, t.Any]], key: str) -> float | None:
     values = [r[key] for r in rows if r.get(key) is not None]
     return round(statistics.median(values), 2) if values else None
+
+
+def _median_of(
+    runs: list[dict[str, t.Any]],
+    worst: dict[str, t.Callable[[list[t.Any]], t.Any]] | None = None,
+) -> dict[str, t.Any]:
+    """One record from several rounds: the median of every number (``worst``
+    names keys reduced otherwise, e.g. ``min`` of streams served), the first
+    round's value of anything else, and the rounds under ``rounds``."""
+    worst = worst or {}
+    out: dict[str, t.Any] = {}
+    for key, first in runs[0].items():
+        values = [r.get(key) for r in runs]
+        if key in worst:
+            present = [v for v in values if v is not None]
+            out[key] = worst[key](present) if present else None
+        elif all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in values
+        ):
+            m = statistics.median(values)
+            out[key] = round(m, 3) if isinstance(m, float) else m
+        else:
+            out[key] = first
+    out["rounds"] = [
+        {k: v for k, v in r.items() if k not in ("rounds", "profile")} for r in runs
+    ]
+    return out
 
 
 def _join(rec: dict[str, t.Any], key: str) -> str:

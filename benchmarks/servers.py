@@ -213,6 +213,11 @@ def start_server(
             "300",
             "--graceful-timeout",
             "5",
+            # Publishers keep their connections between rounds (gunicorn's
+            # default closes idle keep-alive connections after 2 s; the
+            # baseline's WSGIServer keeps them).
+            "--keep-alive",
+            "300",
             "--log-level",
             "warning",
             "-b",

@@ -13,6 +13,7 @@ import logging
 import signal
 import socket
 import ssl
+import sys
 import threading
 import time
 import typing as t
@@ -21,8 +22,11 @@ import weakref
 import gevent
 import gevent.event
 import gevent.monkey
+import gevent.pywsgi
+import gevent.socket
 import greenlet
 
+from .broker import Frame
 from .broker import Waker
 
 __all__ = [
@@ -30,6 +34,8 @@ __all__ = [
     "call_later",
     "cooperative",
     "current_task",
+    "deferrer",
+    "direct_writer",
     "in_gevent",
     "install_term_handler",
     "kill",
@@ -169,6 +175,32 @@ class _GreenWaker:
                 timer.close()
 
 
+class _Deferrer:
+    """Runs a fan-out in the hub of the publishing greenlet's thread, once
+    the publisher yields (see ``broker._Fanout``).
+
+    Only in a thread whose hub serves streams (one made a waker there): a
+    hub that is not running, such as that of a thread pool's worker thread,
+    would never run the fan-out."""
+
+    __slots__ = ()
+
+    ident = staticmethod(_os_thread_ident)
+
+    def __call__(self, func: t.Callable[[], None]) -> bool:
+        batch = _batches.get(_os_thread_ident())
+        if batch is None or greenlet.getcurrent().parent is None:
+            return False
+        loop = batch.loop
+        if gevent.get_hub().loop is not loop:
+            return False
+        loop.run_callback(func)
+        return True
+
+
+deferrer = _Deferrer()
+
+
 def sleep(seconds: float) -> None:
     if in_gevent():
         gevent.sleep(seconds)
@@ -297,6 +329,206 @@ def watch_disconnect(
 
     watcher.start(readable)
     return stop
+
+
+class _WriteTiming(t.Protocol):
+    last_write: float
+
+
+class _Stream(t.Protocol):
+    @property
+    def timing(self) -> _WriteTiming: ...
+    @property
+    def waker(self) -> Waker: ...
+
+
+#: Major versions in which :func:`direct_writer` takes the servers' write
+#: path over (tested with gunicorn 27.0 and gevent 26.9; the attributes it
+#: reads are checked on every response).
+_GUNICORN_MAJORS = frozenset({22, 23, 24, 25, 26, 27})
+_GEVENT_MAJORS = frozenset({23, 24, 25, 26})
+
+
+def _major(module: t.Any) -> int | None:
+    version = getattr(module, "__version__", None)
+    try:
+        return int(str(version).split(".", 1)[0])
+    except ValueError:
+        return None
+
+
+def direct_writer(
+    owner: t.Any, stream: _Stream, metrics: t.Any = None
+) -> _Writer | None:
+    """A writer that puts a stream's frames on the wire itself, or ``None``.
+
+    ``owner`` is the object whose bound method the server passed to the
+    application as ``start_response``. For the servers whose write path is
+    known — gunicorn's ``Response`` (``-k gevent``) and gevent's
+    ``pywsgi.WSGIHandler`` (gevent's ``WSGIServer``, :mod:`.serving`,
+    ``gunicorn -k gevent_pywsgi``), in the versions checked, on a plain
+    (not TLS) gevent socket — frames can then be written as whole HTTP/1.1
+    chunks with one non-blocking ``send`` each, from whichever greenlet of
+    the hub's thread delivers them, instead of waking the stream's greenlet
+    and going through the server's per-write path. Anything else (another
+    server or version, a middleware's ``start_response``, TLS, HTTP/2, an
+    HTTP/1.0 client) gets ``None``: the server writes every frame.
+
+    ``metrics`` (with a ``pending`` count of delivered events) is told of
+    each frame's events once they are written, as the body's loop does.
+    """
+    if owner is None:
+        return None
+    cls = type(owner)
+    gunicorn_wsgi = sys.modules.get("gunicorn.http.wsgi")
+    if gunicorn_wsgi is not None and cls is getattr(gunicorn_wsgi, "Response", None):
+        if _major(sys.modules.get("gunicorn")) not in _GUNICORN_MAJORS:
+            return None
+        sock = getattr(owner, "sock", None)
+        writer: _Writer = _GunicornWriter(owner, sock, stream, metrics)
+    elif isinstance(owner, gevent.pywsgi.WSGIHandler):
+        if _major(gevent) not in _GEVENT_MAJORS:
+            return None
+        sock = getattr(owner, "socket", None)
+        writer = _PyWSGIWriter(owner, sock, stream, metrics)
+    else:
+        return None
+    if type(sock) is not gevent.socket.socket or not writer.usable():
+        return None
+    return writer
+
+
+class _Writer:
+    """Writes frames of one response as whole HTTP/1.1 chunks, once the
+    server has sent the headers and the first chunk.
+
+    :meth:`send` never blocks: it writes a frame with one non-blocking
+    ``send`` and returns whether it took the frame; when the socket's buffer
+    took only part of it, the rest is kept in :attr:`pending` and the stream
+    is woken to finish it with :meth:`flush`, in its own greenlet, before
+    anything else is written.
+    """
+
+    __slots__ = (
+        "owner",
+        "sock",
+        "stream",
+        "pending",
+        "_pending_count",
+        "_metrics",
+        "_send",
+        "_thread",
+        "_ready",
+    )
+
+    def __init__(
+        self, owner: t.Any, sock: t.Any, stream: _Stream, metrics: t.Any = None
+    ) -> None:
+        self.owner = owner
+        self.sock = sock
+        self.stream = stream
+        self.pending: bytes | None = None
+        self._pending_count = 0
+        self._metrics = metrics
+        self._send: t.Any = None
+        self._thread = _os_thread_ident()
+        #: None until the headers are out; then whether chunks can be sent.
+        self._ready: bool | None = None
+
+    def usable(self) -> bool:
+        raise NotImplementedError
+
+    def _state(self) -> bool | None:
+        """Whether the response is chunked, once the headers are sent."""
+        raise NotImplementedError
+
+    def _count(self, body: int, wire: int) -> None:
+        """Tell the server the bytes written (for its access log)."""
+        raise NotImplementedError
+
+    def ready(self) -> bool:
+        ready = self._ready
+        if ready is None:
+            ready = self._ready = self._state()
+            if ready:
+                self._send = self.sock._sock.send
+        return bool(ready)
+
+    def send(self, frame: Frame) -> bool:
+        if self.pending is not None or _os_thread_ident() != self._thread:
+            return False
+        wire = frame.wire
+        data = frame.data
+        if wire is None:
+            wire = frame.wire = b"%X\r\n%b\r\n" % (len(data), data)
+        try:
+            sent = self._send(wire)
+        except OSError:
+            # Full (EAGAIN) or broken: the server's own write path, in the
+            # stream's greenlet, waits or fails as it always does.
+            return False
+        stream = self.stream
+        stream.timing.last_write = time.monotonic()
+        self._count(len(data), sent)
+        if sent < len(wire):
+            self.pending = wire[sent:]
+            self._pending_count = frame.count
+            stream.waker.set()
+        elif self._metrics is not None:
+            # A write's events count once it completed.
+            self._metrics.pending += frame.count
+        return True
+
+    #: The writer itself is what a waiting subscription calls: no bound
+    #: method to allocate each time the stream waits.
+    __call__ = send
+
+    def flush(self) -> None:
+        """Write what :meth:`send` left over; blocks this greenlet."""
+        pending, self.pending = self.pending, None
+        if pending:
+            self.sock.sendall(pending)
+            self._count(0, len(pending))
+            self.stream.timing.last_write = time.monotonic()
+            if self._metrics is not None:
+                self._metrics.pending += self._pending_count
+
+
+class _GunicornWriter(_Writer):
+    __slots__ = ()
+
+    def usable(self) -> bool:
+        owner = self.owner
+        return all(hasattr(owner, name) for name in ("headers_sent", "chunked", "sent"))
+
+    def _state(self) -> bool | None:
+        owner = self.owner
+        if not owner.headers_sent:
+            return None
+        return owner.chunked is True and owner.response_length is None
+
+    def _count(self, body: int, wire: int) -> None:
+        self.owner.sent += body
+
+
+class _PyWSGIWriter(_Writer):
+    __slots__ = ()
+
+    def usable(self) -> bool:
+        owner = self.owner
+        return all(
+            hasattr(owner, name)
+            for name in ("headers_sent", "response_use_chunked", "response_length")
+        )
+
+    def _state(self) -> bool | None:
+        owner = self.owner
+        if not owner.headers_sent:
+            return None
+        return owner.response_use_chunked is True
+
+    def _count(self, body: int, wire: int) -> None:
+        self.owner.response_length += wire
 
 
 class _Timing(t.Protocol):

@@ -208,6 +208,7 @@ class AppState:
             _make_backend(settings),
             queue_size=settings.queue_size,
             on_delivered=on_delivered,
+            defer=_gevent.deferrer,
             on_presence=self._presence_changed,
         )
         if self.metrics is not None:

@@ -79,9 +79,13 @@ def parse_id(value: str | None) -> Key | None:
 
 class Frame:
     """Encoded bytes ready to be written, with the key of the newest event
-    they contain (``None`` for heartbeats and events without a channel id)."""
+    they contain (``None`` for heartbeats and events without a channel id).
 
-    __slots__ = ("data", "key", "count", "origin")
+    ``wire`` is for the writer that puts frames on the wire: the bytes as
+    framed for the transport, made once per frame however many subscribers
+    it goes to."""
+
+    __slots__ = ("data", "key", "count", "origin", "wire")
 
     def __init__(
         self,
@@ -97,6 +101,7 @@ class Frame:
         #: What the backend knows of the event, for a subscription's
         #: :attr:`~Subscription.relabel` hook.
         self.origin = origin
+        self.wire: bytes | None = None
 
     def __repr__(self) -> str:
         return f"Frame({self.data!r}, key={self.key!r})"
@@ -110,6 +115,20 @@ class Waker(t.Protocol):
     def clear(self) -> None: ...
     def is_set(self) -> bool: ...
     def wait(self, timeout: float | None = None) -> bool: ...
+
+
+class Deferrer(t.Protocol):
+    """Runs a fan-out later in the current thread's event loop, so that the
+    events published until then go out together."""
+
+    def ident(self) -> int:
+        """The current OS thread."""
+        ...
+
+    def __call__(self, func: t.Callable[[], None]) -> bool:
+        """Schedule ``func`` soon in this thread's loop; ``False`` when this
+        thread has none (the fan-out then happens at once)."""
+        ...
 
 
 class Sink(t.Protocol):
@@ -240,6 +259,7 @@ class Subscription:
         "resuming",
         "woken",
         "relabel",
+        "send",
         "user",
         "ender",
         "_queue",
@@ -279,6 +299,12 @@ class Subscription:
         #: position per channel): gives each live frame its id, or drops it
         #: (``None``) when the subscription had it already.
         self.relabel: t.Callable[[Frame], Frame | None] | None = None
+        #: While the subscriber waits with nothing queued, a callable that
+        #: writes a frame straight to its client and returns whether it took
+        #: it (see :meth:`.Connection.wait`); ``None`` otherwise. Only a
+        #: deferred fan-out (:class:`_Fanout`) uses it, and never for a
+        #: subscription whose frames are relabelled.
+        self.send: t.Callable[[Frame], bool] | None = None
         # A list, not a deque: an idle subscriber's empty list is 56 bytes,
         # an empty deque about 600. drain() takes a slice and deletes it,
         # each one atomic under the GIL, so publishing threads lose nothing.
@@ -310,6 +336,8 @@ class Subscription:
             self._waker.set()
             return
         queue.append(frame)
+        # Queued frames go out before any later frame is sent.
+        self.send = None
         if not self.woken:
             self.woken = True
             self._waker.set()
@@ -430,18 +458,69 @@ class _Fanout:
     per-receiver work out of the per-delivery cost. A dict makes adding and
     removing O(1); delivery iterates a snapshot of its keys (one C-level
     copy), so a thread may subscribe while another publishes.
+
+    With a :class:`Deferrer`, frames published in an event loop's thread are
+    collected and fanned out once the publisher yields to the loop: the
+    frames of every publish until then go to each subscriber as one frame;
+    a subscriber that waits with nothing queued takes it through its
+    ``send`` (straight to its client, without a wake-up), the others through
+    :meth:`Subscription.deliver`, frame by frame, in order.
     """
 
-    __slots__ = ("subs",)
+    __slots__ = ("subs", "defer", "_pending", "_thread")
 
-    def __init__(self) -> None:
+    def __init__(self, defer: Deferrer | None = None) -> None:
         self.subs: dict[Subscription, None] = {}
+        self.defer = defer
+        self._pending: list[Frame] | None = None
+        self._thread = 0
 
     def __call__(self, sender: str, frame: Frame) -> int:
+        defer = self.defer
+        if defer is not None:
+            thread = defer.ident()
+            pending = self._pending
+            if pending is not None:
+                if self._thread == thread:
+                    pending.append(frame)
+                    return len(self.subs)
+            elif defer(self._flush):
+                self._pending = [frame]
+                self._thread = thread
+                return len(self.subs)
         subs = tuple(self.subs)
         for sub in subs:
             sub.deliver(frame)
         return len(subs)
+
+    def _flush(self) -> None:
+        frames = self._pending
+        self._pending = None
+        if not frames:
+            return
+        if len(frames) == 1:
+            frame = frames[0]
+        else:
+            data = b"".join([f.data for f in frames])
+            frame = Frame(data, frames[-1].key, sum([f.count for f in frames]))
+        first = frames[0].key
+        for sub in tuple(self.subs):
+            send = sub.send
+            # A relabelled subscription gives each frame its own id: frame by
+            # frame, through deliver().
+            if send is not None and sub.relabel is None:
+                floor = sub.floor
+                if (floor is None or (first is not None and first > floor)) and send(
+                    frame
+                ):
+                    continue
+                # Queued frames go out before any later frame is sent.
+                sub.send = None
+            for f in frames:
+                sub.deliver(f)
+        # The framed copy is for this fan-out only: a frame kept in history
+        # does not keep it.
+        frame.wire = None
 
 
 class Registry:
@@ -454,9 +533,10 @@ class Registry:
     disconnected with its last. Only this class connects or disconnects it.
     """
 
-    __slots__ = ("_channels", "_lock", "_signal")
+    __slots__ = ("_channels", "_lock", "_signal", "_defer")
 
-    def __init__(self) -> None:
+    def __init__(self, defer: Deferrer | None = None) -> None:
+        self._defer = defer
         self._channels: dict[str, _Fanout] = {}
         self._lock = threading.Lock()
         self._signal = Signal("flask_eventstream.fanout")
@@ -466,7 +546,7 @@ class Registry:
             for channel in sub.channels:
                 fanout = self._channels.get(channel)
                 if fanout is None:
-                    fanout = self._channels[channel] = _Fanout()
+                    fanout = self._channels[channel] = _Fanout(self._defer)
                     self._signal.connect(fanout, sender=channel, weak=False)
                 fanout.subs[sub] = None
 
@@ -505,6 +585,8 @@ class Broker:
     :param queue_size: frames buffered per subscriber before it is cut off.
     :param on_delivered: called as ``on_delivered(channel, event)`` once per
         event delivered to this process (for the public signal).
+    :param defer: lets a fan-out wait for the publisher to yield to its event
+        loop (see :class:`_Fanout`).
     :param on_presence: called as ``on_presence(channel, user, joined)`` when
         a user's first stream on a channel opened, or their last one closed,
         over every process.
@@ -517,8 +599,9 @@ class Broker:
         queue_size: int = 1000,
         on_delivered: t.Callable[[str, Event], None] | None = None,
         on_presence: t.Callable[[str, str, bool], None] | None = None,
+        defer: Deferrer | None = None,
     ) -> None:
-        self.registry = Registry()
+        self.registry = Registry(defer)
         self.on_presence = on_presence
         self._lock = threading.Lock()
         #: Every open subscription, started or not (for control messages).

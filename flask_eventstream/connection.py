@@ -101,6 +101,7 @@ class Connection:
         "started",
         "task",
         "timing",
+        "writer",
         "user",
         "_stop_watch",
         "_cancel_kill",
@@ -125,6 +126,9 @@ class Connection:
             settings.send_timeout,
             settings.max_lifetime,
         )
+        #: Writes frames straight to the client while the stream waits (see
+        #: :func:`._gevent.direct_writer`); ``None``: the server writes all.
+        self.writer: _gevent._Writer | None = None
         #: Whose stream this is, once a subscription with a user was made.
         self.user: str | None = None
         self._stop_watch: t.Callable[[], None] | None = None
@@ -184,6 +188,7 @@ class Connection:
         self.released = True
         self.closed = True
         self.timing.writing_since = None
+        self.writer = None
         for cancel in (self._stop_watch, self._cancel_kill):
             if cancel is not None:
                 cancel()
@@ -264,8 +269,28 @@ class Connection:
                 return None
             if until is not None:
                 waker.wait(min(until - now, timing.timeout(now, heartbeats=heartbeats)))
-            else:
+                continue
+            writer = self.writer
+            if sub is None or writer is None or not writer.ready():
                 waker.wait(timing.timeout(now) if timed else None)
+                continue
+            # Nothing queued: until this wait ends, a fan-out writes frames
+            # to the client itself, without waking this greenlet.
+            sub.send = writer
+            try:
+                waker.wait(None)
+            finally:
+                sub.send = None
+            if writer.pending is not None and not self.closed:
+                # The socket took part of a frame: the rest goes first.
+                timing.writing_since = time.monotonic()
+                try:
+                    writer.flush()
+                except OSError:
+                    self.end("client")
+                    return None
+                finally:
+                    timing.writing_since = None
         return None
 
     def sleep(self, seconds: float) -> None:

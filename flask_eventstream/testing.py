@@ -28,6 +28,7 @@ __all__ = [
     "ReceivedEvent",
     "broker",
     "connection",
+    "direct_writes",
     "parse",
     "read_events",
     "settings",
@@ -59,6 +60,25 @@ def settings(app: t.Any) -> Settings:
     .. versionadded:: 0.2
     """
     return state_for(app).settings
+
+
+def direct_writes(app: t.Any) -> dict[str, int]:
+    """``{"direct": n, "server": m}`` for the open streams of ``app`` in this
+    process: those whose frames are written straight to their socket while
+    they wait (gunicorn ``-k gevent``, gevent's ``pywsgi``), and those the
+    server writes.
+
+    :raises RuntimeError: if no ``EventStream`` is registered on ``app``.
+
+    .. versionadded:: 0.2
+    """
+    live = list(state_for(app).live)
+    direct = 0
+    for conn in live:
+        writer = getattr(conn, "writer", None)
+        if writer is not None and writer.ready():
+            direct += 1
+    return {"direct": direct, "server": len(live) - direct}
 
 
 def broker(app: t.Any) -> Broker:

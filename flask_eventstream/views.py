@@ -20,6 +20,7 @@ from flask import request
 from flask import Response
 from flask import stream_with_context
 
+from . import _gevent
 from ._state import AppState
 from ._state import state_for
 from .broker import Subscription
@@ -101,7 +102,7 @@ def _make_response(
         # generator itself.
         body = conn.body(first, items, request.environ, primed=True, sub=rv)
         next(body)
-        response = _response(state, body, passthrough=True)
+        response = _response(state, body, passthrough=True, conn=conn)
     else:
         body = conn.body(first, items, request.environ)
         response = _response(state, _OwnContext(stream_with_context(body)))
@@ -138,10 +139,46 @@ class _OwnContext:
             self._context.run(close)
 
 
+_stream_classes: dict[type[Response], type[Response]] = {}
+
+
+def _stream_class(base: type[Response]) -> type[Response]:
+    """``base`` with a ``__call__`` that tells the stream which server object
+    it is written through (the owner of ``start_response``)."""
+    cls = _stream_classes.get(base)
+    if cls is None:
+
+        class StreamResponse(base):  # type: ignore[valid-type,misc]
+            eventstream_connection: Connection | None = None
+
+            def __call__(
+                self, environ: t.Any, start_response: t.Any
+            ) -> Iterable[bytes]:
+                app_iter: Iterable[bytes] = super().__call__(environ, start_response)
+                conn = self.eventstream_connection
+                if conn is not None and not conn.released:
+                    owner = getattr(start_response, "__self__", None)
+                    conn.writer = _gevent.direct_writer(owner, conn, conn.state.metrics)
+                return app_iter
+
+        cls = _stream_classes[base] = StreamResponse
+    return cls
+
+
 def _response(
-    state: AppState, body: Iterable[bytes], *, passthrough: bool = False
+    state: AppState,
+    body: Iterable[bytes],
+    *,
+    passthrough: bool = False,
+    conn: Connection | None = None,
 ) -> Response:
-    response = current_app.response_class(body, mimetype="text/event-stream")
+    if conn is not None:
+        response = _stream_class(current_app.response_class)(
+            body, mimetype="text/event-stream"
+        )
+        response.eventstream_connection = conn  # type: ignore[attr-defined]
+    else:
+        response = current_app.response_class(body, mimetype="text/event-stream")
     # Werkzeug hands a direct_passthrough body to the server as it is, with
     # no encoding or closing wrapper.
     response.direct_passthrough = passthrough

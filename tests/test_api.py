@@ -90,6 +90,7 @@ def test_testing_module_exposes_the_documented_helpers() -> None:
         "ReceivedEvent",
         "broker",
         "connection",
+        "direct_writes",
         "parse",
         "read_events",
         "settings",

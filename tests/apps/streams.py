@@ -24,6 +24,9 @@ Extra routes:
 ``POST /bulk/<channel>?n=N&batch=B&size=S``
     Publishes N events of about S bytes, yielding to the hub every B
     events; returns the first and last ids and the seconds it took.
+``GET /writers``
+    ``{"direct": N, "server": M}``: open streams whose frames are written
+    straight to their socket, and those the server writes.
 """
 
 from __future__ import annotations
@@ -89,6 +92,12 @@ def create_app(config: t.Mapping[str, t.Any] | None = None) -> Flask:
                 yield None
         finally:
             _count("sleep_finally")
+
+    @app.get("/writers")
+    def writers() -> t.Any:
+        from flask_eventstream import testing
+
+        return jsonify(testing.direct_writes(app))
 
     @app.get("/counters")
     def counters() -> t.Any:

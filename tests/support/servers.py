@@ -53,8 +53,9 @@ from flask_eventstream.testing import ReceivedEvent
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 HOST = "127.0.0.1"
 TEST_APP = "tests.apps.streams:create_app"
-#: Both gevent servers, for tests that must hold on each.
-GEVENT_KINDS = ("pywsgi", "gunicorn")
+#: The gevent servers, for tests that must hold on each: gevent's WSGIServer
+#: (flask_eventstream.serving), gunicorn -k gevent and -k gevent_pywsgi.
+GEVENT_KINDS = ("pywsgi", "gunicorn", "gunicorn-pywsgi")
 
 __all__ = [
     "GEVENT_KINDS",
@@ -220,8 +221,12 @@ class Server:
             return [py, "-m", "tests.apps.serve", app, *args]
         if kind == "example":
             return [py, "-m", "example_app", *args]
-        if kind in ("gunicorn", "gunicorn-sync"):
-            worker = "gevent" if kind == "gunicorn" else "sync"
+        if kind in ("gunicorn", "gunicorn-sync", "gunicorn-pywsgi"):
+            worker = {
+                "gunicorn": "gevent",
+                "gunicorn-sync": "sync",
+                "gunicorn-pywsgi": "gevent_pywsgi",
+            }[kind]
             return [
                 py,
                 "-m",
@@ -535,7 +540,7 @@ class ChunkedDecoder:
 
 
 _REQUEST = (
-    "GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\n"
+    "GET {path} HTTP/{version}\r\nHost: {host}:{port}\r\n"
     "Accept: text/event-stream\r\nCache-Control: no-cache\r\n{extra}\r\n"
 )
 
@@ -558,6 +563,7 @@ class SSEClient:
         count_only: bool = False,
         record: bool = False,
         connect_timeout: float = 10.0,
+        http_version: str = "1.1",
     ) -> None:
         self.path = path
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -568,7 +574,9 @@ class SSEClient:
         try:
             self.sock.connect((HOST, port))
             extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
-            request = _REQUEST.format(path=path, host=HOST, port=port, extra=extra)
+            request = _REQUEST.format(
+                path=path, host=HOST, port=port, extra=extra, version=http_version
+            )
             self.sock.sendall(request.encode("latin-1"))
         except BaseException:
             self.sock.close()
