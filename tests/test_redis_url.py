@@ -87,7 +87,7 @@ def test_the_password_is_not_in_the_repr():
         ("redis://localhost:6379/0?db=x", "the database must be a number"),
         ("redis://h1:6379,h2:6379/0", "several hosts; for Sentinel use"),
         ("redis://::1:6379/0", "IPv6 address in brackets"),
-        ("redis://[::1/0", "Invalid IPv6 URL"),
+        ("redis://[::1/0", "is not a host"),
         ("redis://[::1]x/0", "is not host:port"),
         ("redis://local host:6379", "whitespace"),
         ("redis://localhost:6379/0#frag", "#fragment"),

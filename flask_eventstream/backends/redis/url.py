@@ -147,16 +147,27 @@ def parse_url(url: object, key: str = URL_KEY) -> Target:
         ) from None
 
 
-def _split(url: str) -> urllib.parse.SplitResult:
+class _Parts(t.NamedTuple):
+    scheme: str
+    netloc: str
+    path: str
+    query: str
+
+
+def _split(url: str) -> _Parts:
+    """``scheme://netloc/path?query``, split by hand: a Sentinel or Cluster
+    URL names several hosts, which :func:`urllib.parse.urlsplit` rejects
+    when one is an IPv6 address (``[::1]``) on Pythons with its stricter
+    host check. Each host is checked by :func:`_host_port`."""
     if any(c.isspace() for c in url):
         raise _Malformed("it contains whitespace")
-    try:
-        parts = urllib.parse.urlsplit(url)
-    except ValueError as e:  # "Invalid IPv6 URL"
-        raise _Malformed(str(e)) from None
-    if parts.fragment:
+    scheme, _, rest = url.partition("://")
+    rest, hash_, _ = rest.partition("#")
+    if hash_:
         raise _Malformed("it has a #fragment")
-    return parts
+    rest, _, query = rest.partition("?")
+    netloc, slash, path = rest.partition("/")
+    return _Parts(scheme, netloc, slash + path, query)
 
 
 def _db(text: str, what: str) -> int:
