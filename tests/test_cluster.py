@@ -300,3 +300,41 @@ def test_preloaded_app_and_publishing_from_native_threads(
     finally:
         for client in clients:
             client.close()
+
+
+def test_several_channels_on_a_gevent_worker_resume_from_their_own_ids(
+    start_server: StartServer, redis_server: RedisServer
+):
+    # Streams that wait on a gevent worker take events straight from the
+    # fan-out; a subscription to several channels still gets an id that
+    # names its position on each of them, and resumes from it exactly.
+    server = start_cluster(start_server, redis_server, workers=1)
+    clients = open_clients(server.port, "/stream/alpha+beta", 5)
+    try:
+        for i in range(6):
+            server.publish("alpha" if i % 2 == 0 else "beta", f"m{i}")
+        pump(clients, lambda: all(len(c.events) >= 6 for c in clients), 20)
+        events = clients[0].events
+        assert [e.data for e in events] == [f"m{i}" for i in range(6)]
+        ids = [e.id for e in events]
+        assert len(set(ids)) == 6
+        for client in clients:
+            assert [(e.data, e.id) for e in client.events] == [
+                (e.data, e.id) for e in events
+            ]
+        resumed = SSEClient(
+            server.port, "/stream/alpha+beta", {"Last-Event-ID": ids[2]}
+        )
+        clients.append(resumed)
+        pump([resumed], lambda: len(resumed.events) >= 3, 10)
+        assert [(e.data, e.id) for e in resumed.events] == [
+            (e.data, e.id) for e in events[3:]
+        ]
+        server.publish("beta", "m6")
+        pump(clients, lambda: all(len(c.events) >= 7 for c in clients[:5]), 10)
+        pump([resumed], lambda: len(resumed.events) >= 4, 10)
+        assert [e.data for e in resumed.events] == ["m3", "m4", "m5", "m6"]
+        assert resumed.events[-1].id == clients[0].events[-1].id
+    finally:
+        for client in clients:
+            client.close()
