@@ -475,8 +475,8 @@ class _Fanout:
         self._pending: list[Frame] | None = None
         self._thread = 0
 
-    def __call__(self, sender: str, frame: Frame) -> int:
-        defer = self.defer
+    def __call__(self, sender: str, frame: Frame, now: bool = False) -> int:
+        defer = None if now else self.defer
         if defer is not None:
             thread = defer.ident()
             pending = self._pending
@@ -561,12 +561,17 @@ class Registry:
                     del self._channels[channel]
                     self._signal.disconnect(fanout, sender=channel)
 
-    def send(self, channel: str, frame: Frame) -> int:
+    def send(self, channel: str, frame: Frame, now: bool = False) -> int:
         """Hand ``frame`` to every local subscriber of ``channel``; return
-        how many there were. Receivers only queue: this never blocks."""
+        how many there were. Receivers only queue: this never blocks.
+
+        With ``now``, the frame reaches the subscribers registered at this
+        moment, before this returns; otherwise it may wait for the
+        publisher to yield (a deferred fan-out), and reach those registered
+        by then whose floor it is above."""
         if channel not in self._channels:
             return 0
-        return sum(n for _, n in self._signal.send(channel, frame=frame))
+        return sum(n for _, n in self._signal.send(channel, frame=frame, now=now))
 
     def of(self, channel: str) -> tuple[Subscription, ...]:
         fanout = self._channels.get(channel)
@@ -620,7 +625,10 @@ class Broker:
         self.announce(channel, event, self.registry.send(channel, frame))
 
     def send(self, channel: str, frame: Frame) -> int:
-        return self.registry.send(channel, frame)
+        # Now, not deferred: a backend that calls this under its lock
+        # registers subscriptions under the same lock, and a subscription
+        # registered after this frame was read has it in its replay.
+        return self.registry.send(channel, frame, now=True)
 
     def announce(self, channel: str, event: Event, count: int) -> None:
         self.observer.delivered(channel, event, count)
