@@ -25,11 +25,6 @@ from flask_eventstream.testing import ReceivedEvent
 __all__ = ["HOST", "ChunkedDecoder", "SSEClient", "open_clients", "pump"]
 
 HOST = "127.0.0.1"
-_LINGER_RST = struct.pack("ii", 1, 0)
-_REQUEST = (
-    "GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\n"
-    "Accept: text/event-stream\r\nCache-Control: no-cache\r\n{extra}\r\n"
-)
 
 
 class ChunkedDecoder:
@@ -38,7 +33,7 @@ class ChunkedDecoder:
     def __init__(self) -> None:
         self._buf = bytearray()
         self._left = 0  # bytes left in the current chunk
-        self._state = "size"  # size | data | crlf | trailer
+        self._state = "size"  # size | data | crlf | trailer | done
         self.done = False
 
     def feed(self, data: bytes) -> bytes:
@@ -47,15 +42,20 @@ class ChunkedDecoder:
         out = bytearray()
         pos = 0
         while not self.done:
-            if self._state == "size":
+            state = self._state
+            if state == "size":
                 end = buf.find(b"\r\n", pos)
                 if end < 0:
                     break
-                size = int(bytes(buf[pos:end]).split(b";", 1)[0].strip(), 16)
+                line = bytes(buf[pos:end]).split(b";", 1)[0].strip()
                 pos = end + 2
-                self._left = size
-                self._state = "data" if size else "trailer"
-            elif self._state == "data":
+                size = int(line, 16)
+                if size == 0:
+                    self._state = "trailer"
+                else:
+                    self._left = size
+                    self._state = "data"
+            elif state == "data":
                 take = min(self._left, len(buf) - pos)
                 if take == 0:
                     break
@@ -64,7 +64,7 @@ class ChunkedDecoder:
                 self._left -= take
                 if self._left == 0:
                     self._state = "crlf"
-            elif self._state == "crlf":
+            elif state == "crlf":
                 if len(buf) - pos < 2:
                     break
                 if buf[pos : pos + 2] != b"\r\n":
@@ -75,14 +75,27 @@ class ChunkedDecoder:
                 end = buf.find(b"\r\n", pos)
                 if end < 0:
                     break
-                self.done = end == pos
+                empty = end == pos
                 pos = end + 2
+                if empty:
+                    self.done = True
         del buf[:pos]
         return bytes(out)
 
 
+_REQUEST = (
+    "GET {path} HTTP/{version}\r\nHost: {host}:{port}\r\n"
+    "Accept: text/event-stream\r\nCache-Control: no-cache\r\n{extra}\r\n"
+)
+
+
 class SSEClient:
-    """One ``GET`` over a non-blocking socket, read as an event stream."""
+    """One HTTP/1.1 request over a plain socket, read as an event stream.
+
+    ``count_only`` skips the parser and only counts events carrying an
+    ``id`` (for the benchmark, where parsing would cost more than serving).
+    ``record`` keeps ``(monotonic time, body bytes)`` per read.
+    """
 
     def __init__(
         self,
@@ -90,16 +103,24 @@ class SSEClient:
         path: str,
         headers: t.Mapping[str, str] | None = None,
         *,
+        rcvbuf: int | None = None,
         count_only: bool = False,
+        record: bool = False,
         connect_timeout: float = 10.0,
+        http_version: str = "1.1",
     ) -> None:
         self.path = path
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        if rcvbuf is not None:
+            # Before connect, so the window is negotiated small.
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
         self.sock.settimeout(connect_timeout)
         try:
             self.sock.connect((HOST, port))
             extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
-            request = _REQUEST.format(path=path, host=HOST, port=port, extra=extra)
+            request = _REQUEST.format(
+                path=path, host=HOST, port=port, extra=extra, version=http_version
+            )
             self.sock.sendall(request.encode("latin-1"))
         except BaseException:
             self.sock.close()
@@ -109,16 +130,28 @@ class SSEClient:
         self.headers: dict[str, str] = {}
         self._head = bytearray()
         self._chunked: ChunkedDecoder | None = None
+        self._length: int | None = None
+        self.body = bytearray()
+        self.body_len = 0
         self.parser = EventParser()
         self.events: list[ReceivedEvent] = []
+        self._taken = 0
         self.count_only = count_only
-        #: Events with an id so far (``count_only``).
         self.count = 0
         self._tail = b""
-        self.first_body_at: float | None = None
+        self.record = record
+        self.chunks: list[tuple[float, bytes]] = []
         self.eof = False
-        self.ended = False  # the chunked body ended
+        self.error: OSError | None = None
+        self.ended = False  # the body ended as HTTP says (last chunk / length)
         self.closed = False
+        self.first_body_at: float | None = None
+        self.opened_at = time.monotonic()
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    # -- reading --
 
     def on_readable(self, size: int = 262144) -> bool:
         """Read what the socket has; return False at EOF or error."""
@@ -126,7 +159,8 @@ class SSEClient:
             data = self.sock.recv(size)
         except (BlockingIOError, InterruptedError):
             return True
-        except OSError:
+        except OSError as e:
+            self.error = e
             self.eof = True
             return False
         if not data:
@@ -141,37 +175,92 @@ class SSEClient:
             end = self._head.find(b"\r\n\r\n")
             if end < 0:
                 return
-            lines = bytes(self._head[:end]).decode("latin-1").split("\r\n")
+            head = bytes(self._head[:end]).decode("latin-1")
             data = bytes(self._head[end + 4 :])
             self._head = bytearray()
+            lines = head.split("\r\n")
             self.status = int(lines[0].split()[1])
             for line in lines[1:]:
                 name, _, value = line.partition(":")
                 self.headers[name.strip().lower()] = value.strip()
             if self.headers.get("transfer-encoding", "").lower() == "chunked":
                 self._chunked = ChunkedDecoder()
+            elif "content-length" in self.headers:
+                self._length = int(self.headers["content-length"])
+                if self._length == 0:
+                    self.ended = True
         if not data or self.ended:
             return
-        payload = data
         if self._chunked is not None:
             payload = self._chunked.feed(data)
-            self.ended = self._chunked.done
+            if self._chunked.done:
+                self.ended = True
+        else:
+            payload = data
+            if self._length is not None:
+                payload = payload[: self._length - self.body_len]
+                if self.body_len + len(payload) >= self._length:
+                    self.ended = True
         if payload:
             self._body(payload)
 
     def _body(self, payload: bytes) -> None:
+        now = time.monotonic()
         if self.first_body_at is None:
-            self.first_body_at = time.monotonic()
+            self.first_body_at = now
+        self.body_len += len(payload)
+        if self.record:
+            self.chunks.append((now, payload))
         if self.count_only:
             text = self._tail + payload
             self.count += text.count(b"\nid: ")
             self._tail = text[-4:]
-        elif self.status == 200:
+            return
+        if self.status == 200:
             self.events.extend(self.parser.feed(payload))
+        else:
+            self.body += payload
+
+    def wait(self, predicate: Callable[[SSEClient], bool], timeout: float) -> None:
+        """Read until ``predicate(self)``; ``TimeoutError`` after ``timeout``."""
+        pump([self], lambda: predicate(self), timeout)
+
+    def read_head(self, timeout: float = 5.0) -> int:
+        self.wait(lambda c: c.status is not None or c.eof, timeout)
+        if self.status is None:
+            raise ConnectionError(f"no response head (error {self.error!r})")
+        return self.status
+
+    def read_events(self, count: int, timeout: float = 5.0) -> list[ReceivedEvent]:
+        """The next ``count`` events not returned before."""
+        want = self._taken + count
+        self.wait(lambda c: len(c.events) >= want or c.eof or c.ended, timeout)
+        if len(self.events) < want:
+            raise TimeoutError(
+                f"stream ended before {count} events: got"
+                f" {self.events[self._taken :]!r} (eof={self.eof}, ended={self.ended})"
+            )
+        events = self.events[self._taken : want]
+        self._taken = want
+        return events
+
+    def read_to_end(self, timeout: float = 5.0) -> list[ReceivedEvent]:
+        """Read until the body ends; return the events not returned before."""
+        self.wait(lambda c: c.ended or c.eof, timeout)
+        events = self.events[self._taken :]
+        self._taken = len(self.events)
+        return events
+
+    def read_body(self, timeout: float = 5.0) -> bytes:
+        """The whole body of a response that is not an event stream."""
+        self.wait(lambda c: c.ended or c.eof, timeout)
+        return bytes(self.body)
 
     @property
     def last_event_id(self) -> str:
         return self.parser.last_event_id
+
+    # -- closing --
 
     def close(self) -> None:
         """Close (FIN)."""
@@ -180,16 +269,24 @@ class SSEClient:
             self.sock.close()
 
     def abort(self) -> None:
-        """Close with ``SO_LINGER`` 0, so the kernel sends RST."""
+        """Close with SO_LINGER 0, so the kernel sends RST."""
         if not self.closed:
             self.closed = True
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
+            self.sock.setsockopt(
+                socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
+            )
             self.sock.close()
+
+    def __enter__(self) -> SSEClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def __repr__(self) -> str:
         return (
             f"<SSEClient {self.path} status={self.status} events={len(self.events)}"
-            f" count={self.count} eof={self.eof} ended={self.ended}>"
+            f" eof={self.eof} ended={self.ended}>"
         )
 
 
@@ -208,10 +305,13 @@ def pump(
             if left <= 0:
                 raise TimeoutError(f"not done after {timeout}s")
             if not sel.get_map():
+                if until():
+                    return
                 raise TimeoutError("every stream ended before the condition was met")
             for key, _ in sel.select(min(left, 0.5)):
-                if not key.data.on_readable():
-                    sel.unregister(key.fileobj)
+                client = key.data
+                if not client.on_readable():
+                    sel.unregister(client.sock)
 
 
 def open_clients(
@@ -222,7 +322,7 @@ def open_clients(
     *,
     batch: int = 100,
     timeout: float = 30.0,
-    count_only: bool = False,
+    **kwargs: t.Any,
 ) -> list[SSEClient]:
     """Open ``count`` streams, ``batch`` at a time (so the listen backlog
     never overflows), and wait until each has its head and first bytes."""
@@ -231,7 +331,7 @@ def open_clients(
     try:
         for start in range(0, count, batch):
             group = [
-                SSEClient(port, path, headers, count_only=count_only)
+                SSEClient(port, path, headers, **kwargs)
                 for _ in range(min(batch, count - start))
             ]
             clients.extend(group)
