@@ -475,8 +475,8 @@ class _Fanout:
         self._pending: list[Frame] | None = None
         self._thread = 0
 
-    def __call__(self, sender: str, frame: Frame, now: bool = False) -> int:
-        defer = None if now else self.defer
+    def __call__(self, sender: str, frame: Frame) -> int:
+        defer = self.defer
         if defer is not None:
             thread = defer.ident()
             pending = self._pending
@@ -492,6 +492,16 @@ class _Fanout:
         for sub in subs:
             sub.deliver(frame)
         return len(subs)
+
+    def settle(self) -> None:
+        """Fan out what waits for the publisher to yield now, if it waits in
+        this thread: called before a subscription joins, whose replay holds
+        every event published until then, so that the frames waiting reach
+        only the subscribers that were there before it."""
+        defer = self.defer
+        if self._pending is not None and defer is not None:
+            if self._thread == defer.ident():
+                self._flush()
 
     def _flush(self) -> None:
         frames = self._pending
@@ -548,6 +558,8 @@ class Registry:
                 if fanout is None:
                     fanout = self._channels[channel] = _Fanout(self._defer)
                     self._signal.connect(fanout, sender=channel, weak=False)
+                else:
+                    fanout.settle()
                 fanout.subs[sub] = None
 
     def discard(self, sub: Subscription) -> None:
@@ -561,17 +573,18 @@ class Registry:
                     del self._channels[channel]
                     self._signal.disconnect(fanout, sender=channel)
 
-    def send(self, channel: str, frame: Frame, now: bool = False) -> int:
+    def send(self, channel: str, frame: Frame) -> int:
         """Hand ``frame`` to every local subscriber of ``channel``; return
         how many there were. Receivers only queue: this never blocks.
 
-        With ``now``, the frame reaches the subscribers registered at this
-        moment, before this returns; otherwise it may wait for the
-        publisher to yield (a deferred fan-out), and reach those registered
-        by then whose floor it is above."""
+        The fan-out may wait for the publisher to yield (see
+        :class:`_Fanout`); it reaches the subscribers registered at this
+        moment all the same: a subscription that registers meanwhile, in the
+        same thread, first lets the waiting frames go out to the others
+        (its replay has them)."""
         if channel not in self._channels:
             return 0
-        return sum(n for _, n in self._signal.send(channel, frame=frame, now=now))
+        return sum(n for _, n in self._signal.send(channel, frame=frame))
 
     def of(self, channel: str) -> tuple[Subscription, ...]:
         fanout = self._channels.get(channel)
@@ -625,10 +638,7 @@ class Broker:
         self.announce(channel, event, self.registry.send(channel, frame))
 
     def send(self, channel: str, frame: Frame) -> int:
-        # Now, not deferred: a backend that calls this under its lock
-        # registers subscriptions under the same lock, and a subscription
-        # registered after this frame was read has it in its replay.
-        return self.registry.send(channel, frame, now=True)
+        return self.registry.send(channel, frame)
 
     def announce(self, channel: str, event: Event, count: int) -> None:
         self.observer.delivered(channel, event, count)
