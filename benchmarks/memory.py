@@ -122,6 +122,7 @@ def report_untraced(
         "measure": "memory",
         "streams": n,
         "served": full["streams"],
+        "package": full["package"],
         "rss_per_stream_b": per(empty["rss_kib"] * 1024, full["rss_kib"] * 1024),
         "blocks_per_stream": per(empty["allocated_blocks"], full["allocated_blocks"]),
         "stack_saved": {
@@ -173,7 +174,9 @@ def report_untraced(
     return record
 
 
-def report_traced(snapdir: str, n: int, frames: int, lines: int) -> dict[str, t.Any]:
+def report_traced(
+    snapdir: str, n: int, frames: int, lines: int, only: str | None = None
+) -> dict[str, t.Any]:
     empty = tracemalloc.Snapshot.load(os.path.join(snapdir, "empty.snap"))
     full = tracemalloc.Snapshot.load(os.path.join(snapdir, "full.snap"))
     key = "traceback" if frames > 1 else "lineno"
@@ -200,10 +203,14 @@ def report_traced(snapdir: str, n: int, frames: int, lines: int) -> dict[str, t.
         if abs(size) / n < 8:
             continue
         print(f"    {size / n:8.1f} B {count_pkg[pkg] / n:6.2f} blocks  {pkg}")
-    print(f"  top {lines} lines:")
-    for stat in diff[:lines]:
-        if abs(stat.size_diff) / n < 8:
+    print(f"  top {lines} lines" + (f" of {only}:" if only else ":"))
+    shown = 0
+    for stat in diff:
+        if abs(stat.size_diff) / n < 8 or shown == lines:
             break
+        if only and package(stat.traceback[-1].filename) != only:
+            continue
+        shown += 1
         where = " -> ".join(f"{short(f.filename)}:{f.lineno}" for f in stat.traceback)
         print(f"    {stat.size_diff / n:8.1f} B {stat.count_diff / n:6.2f}  {where}")
     return record
@@ -216,6 +223,7 @@ def main(argv: list[str] | None = None) -> int:
         "--frames", type=int, default=1, help="tracemalloc frames per allocation"
     )
     parser.add_argument("--lines", type=int, default=30)
+    parser.add_argument("--package", help="list the lines of this package only")
     parser.add_argument("--types", type=int, default=25)
     parser.add_argument("--no-trace", action="store_true", help="skip step 2")
     parser.add_argument("--trace-only", action="store_true", help="skip step 1")
@@ -233,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_trace:
         with tempfile.TemporaryDirectory(prefix="bench-memory-") as snapdir:
             measure(args.streams, args.frames, snapdir)
-            report_traced(snapdir, args.streams, args.frames, args.lines)
+            report_traced(snapdir, args.streams, args.frames, args.lines, args.package)
     return 0
 
 

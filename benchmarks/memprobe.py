@@ -96,7 +96,7 @@ def _pymalloc() -> dict[str, int]:
             if m is None:
                 continue
         key = _PYMALLOC_KEYS.get(m.group(1).strip())
-        if key is not None:
+        if key is not None and key not in out:  # not the arena map's Total
             out[key] = int(m.group(2).replace(",", ""))
     return out
 
@@ -134,8 +134,11 @@ def probe(app: t.Any, snapshot: str | None = None) -> dict[str, t.Any]:
     state = state_for(app)
     tasks = [conn.task for conn in list(state.live) if conn.task is not None]
     saved = sorted(getattr(task, "_stack_saved", 0) for task in tasks)
+    import flask_eventstream
+
     out: dict[str, t.Any] = {
         "pid": os.getpid(),
+        "package": os.path.dirname(flask_eventstream.__file__),
         "rss_kib": _rss_kib(),
         "malloc": _mallinfo(),
         "pymalloc": _pymalloc(),

@@ -98,8 +98,12 @@ current_connection: contextvars.ContextVar[Connection | None] = contextvars.Cont
 )
 
 
-class Connection:
-    """One open event stream."""
+class Connection(Timing):
+    """One open event stream.
+
+    A connection is its own :class:`~.timing.Timing` (:attr:`timing`): one
+    object less for every open stream.
+    """
 
     __slots__ = (
         "__weakref__",
@@ -113,7 +117,6 @@ class Connection:
         "released",
         "started",
         "task",
-        "timing",
         "writer",
         "user",
         "input",
@@ -136,7 +139,8 @@ class Connection:
         #: Whether the body started (and client_connected was sent).
         self.started = False
         self.task = _gevent.current_task()
-        self.timing = Timing(
+        Timing.__init__(
+            self,
             time.monotonic(),
             settings.heartbeat,
             settings.send_timeout,
@@ -153,6 +157,11 @@ class Connection:
         self._watch: _gevent._EOFWatch | None = None
         self._cancel_kill: t.Callable[[], None] | None = None
         state.live.add(self)
+
+    @property
+    def timing(self) -> Timing:
+        """The stream's clock: the connection itself."""
+        return self
 
     # -- ending --
 
@@ -419,8 +428,9 @@ class Connection:
                 count = _count(first, head)
             # The hot loop: writes are inlined (no helper generator per
             # write) and frames, the common item, skip _to_bytes.
+            # (No bound method kept in a local: the generator keeps its
+            # locals for the life of the stream.)
             monotonic = time.monotonic
-            to_bytes = self._to_bytes
             timing = self.timing
             # A write's events count once it completed. On gevent they are
             # added up per process and reach the counter at the watchdog's
@@ -454,7 +464,7 @@ class Connection:
                         chunk = item.data
                         count = item.count
                     else:
-                        chunk = to_bytes(item)
+                        chunk = self._to_bytes(item)
                         count = _count(item, chunk)
                     if chunk:
                         data = chunk
