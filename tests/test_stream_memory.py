@@ -18,7 +18,6 @@ import weakref
 import gevent
 import pytest
 
-from flask_eventstream._state import state_for
 from flask_eventstream.connection import Connection
 from flask_eventstream.testing import connection
 from flask_eventstream.testing import read_events
@@ -51,7 +50,6 @@ def _stream_once(app: t.Any, ext: t.Any) -> tuple[list[weakref.ref[t.Any]], bool
 @pytest.mark.parametrize("where", ["thread", "greenlet"])
 def test_nothing_of_a_stream_outlives_it(where: str) -> None:
     app, ext = make_app()
-    state = state_for(app)
     if where == "greenlet":
         refs, direct = gevent.spawn(_stream_once, app, ext).get(timeout=10)
     else:
@@ -59,19 +57,15 @@ def test_nothing_of_a_stream_outlives_it(where: str) -> None:
     assert direct is (where == "greenlet")
     gc.collect()
     assert [r() for r in refs] == [None] * len(refs)
-    assert list(state.live) == []
-    assert state.broker.channels() == {}
+    assert ext.stats() == {"connections": 0, "channels": {}}
 
 
 def test_an_open_stream_is_in_the_registry_the_watchdog_sweeps() -> None:
     app, ext = make_app(EVENTSTREAM_HEARTBEAT=0.2)
-    state = state_for(app)
 
-    def run() -> tuple[list[str], bool]:
+    def run() -> tuple[list[str], dict[str, t.Any]]:
         response = app.test_client().get("/s?c=hb", buffered=False)
-        conn = connection(response)
-        assert conn is not None
-        swept = conn in state.live
+        open_ = ext.stats()
         chunks: list[str] = []
         try:
             # Nothing is published: only the watchdog's sweep of the
@@ -82,12 +76,12 @@ def test_an_open_stream_is_in_the_registry_the_watchdog_sweeps() -> None:
                     break
         finally:
             response.close()
-        return chunks, swept
+        return chunks, open_
 
-    chunks, swept = gevent.spawn(run).get(timeout=10)
-    assert swept
-    assert chunks[-1] == ":\n\n" and len(chunks) == 2, chunks
-    assert list(state.live) == []
+    chunks, open_ = gevent.spawn(run).get(timeout=10)
+    assert open_ == {"connections": 1, "channels": {"hb": 1}}
+    assert chunks == ["retry: 3000\n\n", ":\n\n"], chunks
+    assert ext.stats() == {"connections": 0, "channels": {}}
 
 
 def _read_until(sock: socket.socket, end: bytes, timeout: float) -> bytes:
