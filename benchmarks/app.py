@@ -19,6 +19,13 @@ Extra routes:
     Publishes N events of about S bytes inside the worker, yielding to the
     hub every B events; returns the first and last ids and the seconds it
     took.
+``GET /memory?snapshot=PATH``
+    The worker's memory as :mod:`benchmarks.memory` reads it (after a full
+    garbage collection): RSS, the C allocator's and pymalloc's figures, and
+    the open streams' greenlets (saved C stack, parked Python frames); with
+    ``snapshot``, a :mod:`tracemalloc` snapshot is dumped to ``PATH``.
+    Tracing starts when the app is created with ``BENCH_TRACEMALLOC=<frames>``
+    in the environment.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ if __name__ == "__main__":  # before anything imports socket or threading
 import os  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
+import tracemalloc  # noqa: E402
 import typing as t  # noqa: E402
 
 from flask import Flask  # noqa: E402
@@ -54,6 +62,9 @@ def _count(name: str) -> None:
 
 
 def create_app(config: t.Mapping[str, t.Any] | None = None) -> Flask:
+    frames = int(os.environ.get("BENCH_TRACEMALLOC") or 0)
+    if frames and not tracemalloc.is_tracing():
+        tracemalloc.start(frames)
     app = create_example_app(config)
 
     @app.get("/gen/<channel>")
@@ -93,6 +104,12 @@ def create_app(config: t.Mapping[str, t.Any] | None = None) -> Flask:
             if (i + 1) % batch == 0:
                 stream.sleep(0)
         return jsonify(first=first, last=last, seconds=time.perf_counter() - start), 202
+
+    @app.get("/memory")
+    def memory() -> t.Any:
+        from benchmarks.memprobe import probe
+
+        return jsonify(probe(app, request.args.get("snapshot")))
 
     return app
 

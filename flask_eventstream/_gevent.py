@@ -17,7 +17,6 @@ import sys
 import threading
 import time
 import typing as t
-import weakref
 
 import gevent
 import gevent.event
@@ -65,18 +64,29 @@ def make_waker() -> Waker:
 _os_thread_ident = gevent.monkey.get_original("_thread", "get_ident")
 
 
+def _thread_ident() -> int:
+    """The OS thread's identity; in a thread whose hub serves streams, the
+    int object its :class:`_WakeBatch` keeps (an object that keeps it per
+    stream then costs a pointer, not an int)."""
+    ident = _os_thread_ident()
+    batch = _batches.get(ident)
+    return batch.thread if batch is not None else ident
+
+
 class _WakeBatch:
     """Wakers of one OS thread's hub that were set since the hub last ran
     them. A fan-out to N waiting subscribers schedules one hub callback, not
     N (each callback is an allocation, and at thousands of subscribers per
     event their churn set off full garbage collections)."""
 
-    __slots__ = ("wakers", "scheduled", "loop")
+    __slots__ = ("wakers", "scheduled", "hub", "loop", "thread")
 
-    def __init__(self, loop: t.Any) -> None:
+    def __init__(self, hub: t.Any, thread: int) -> None:
         self.wakers: list[_GreenWaker] = []
         self.scheduled = False
-        self.loop = loop
+        self.hub = hub
+        self.loop = hub.loop
+        self.thread = thread
 
     def add(self, waker: _GreenWaker) -> None:
         self.wakers.append(waker)
@@ -111,17 +121,19 @@ class _GreenWaker:
     ended is ignored or spurious, which its callers tolerate.
     """
 
-    __slots__ = ("_flag", "_waiter", "_queued", "_hub", "_thread", "_batch")
+    # The hub and the OS thread are the batch's: an idle stream's waker is
+    # four pointers.
+    __slots__ = ("_flag", "_waiter", "_queued", "_batch")
 
     def __init__(self) -> None:
         self._flag = False
         self._waiter: t.Any = None
         self._queued = False
-        self._hub = hub = gevent.get_hub()
-        self._thread = thread = _os_thread_ident()
+        hub = gevent.get_hub()
+        thread = _os_thread_ident()
         batch = _batches.get(thread)
         if batch is None or batch.loop is not hub.loop:
-            batch = _batches[thread] = _WakeBatch(hub.loop)
+            batch = _batches[thread] = _WakeBatch(hub, thread)
         self._batch = batch
 
     def is_set(self) -> bool:
@@ -135,10 +147,11 @@ class _GreenWaker:
         if self._waiter is None or self._queued:
             return
         self._queued = True
-        if _os_thread_ident() == self._thread:
-            self._batch.add(self)
+        batch = self._batch
+        if _os_thread_ident() == batch.thread:
+            batch.add(self)
         else:
-            self._hub.loop.run_callback_threadsafe(self._wake_queued)
+            batch.loop.run_callback_threadsafe(self._wake_queued)
 
     def _wake_queued(self) -> None:
         self._queued = False
@@ -162,7 +175,7 @@ class _GreenWaker:
         if self._flag:  # set() by another thread meanwhile
             self._waiter = None
             return True
-        hub = self._hub
+        hub = self._batch.hub
         timer = None
         if timeout is not None:
             timer = hub.loop.timer(max(timeout, 0.0))
@@ -278,17 +291,27 @@ def find_socket(environ: t.Mapping[str, t.Any]) -> t.Any:
     return None
 
 
+class _EOFStream(t.Protocol):
+    def on_eof(self) -> None: ...
+
+
 def watch_disconnect(
-    environ: t.Mapping[str, t.Any], on_eof: t.Callable[[], None]
-) -> _Cancel | None:
-    """Call ``on_eof`` (in the hub, promptly) when the client closes its end.
+    environ: t.Mapping[str, t.Any], stream: _EOFStream, *, shared: bool = False
+) -> _EOFWatch | None:
+    """Call ``stream.on_eof()`` (in the hub, promptly) when the client closes
+    its end.
 
     Uses a libev read watcher on the client socket and a non-blocking
     ``MSG_PEEK`` when it fires: no greenlet per connection, and no byte is
-    taken from the server's parser. Returns a function that stops watching,
-    or ``None`` when the connection cannot be watched (no socket in the
-    environ, TLS, HTTP/2, not under gevent); the heartbeat then detects the
-    disconnect on its next write.
+    taken from the server's parser. Returns the watch (whose
+    :meth:`~_EOFWatch.stop` ends it), or ``None`` when the connection cannot
+    be watched (no socket in the environ, TLS, HTTP/2, not under gevent);
+    the heartbeat then detects the disconnect on its next write.
+
+    With ``shared``, the caller guarantees that nothing reads the socket
+    until the watch is stopped: the read watcher of gevent's socket (idle
+    while nobody reads) is borrowed instead of a third watcher per
+    connection.
     """
     if not in_gevent():
         return None
@@ -304,31 +327,59 @@ def watch_disconnect(
         return None
     if fileno < 0:
         return None
-    watcher = gevent.get_hub().loop.io(fileno, _READ)
-    stopped = False
+    watcher = None
+    if shared and type(sock) is gevent.socket.socket:
+        watcher = getattr(sock, "_read_event", None)
+        if watcher is not None and (watcher.callback is not None or watcher.active):
+            watcher = None  # someone waits on it after all
+    watch = _EOFWatch(raw, stream, watcher is None)
+    if watcher is None:
+        watcher = gevent.get_hub().loop.io(fileno, _READ)
+    watch.watcher = watcher
+    # The watch is its own callback: no closure or bound method per stream.
+    # (gevent's cancel_wait() throws into ``callback.__self__`` when a socket
+    # closes under a waiting greenlet; this callback has none.)
+    watcher.start(watch)
+    return watch
 
-    def stop() -> None:
-        nonlocal stopped
-        if not stopped:
-            stopped = True
-            watcher.stop()
-            watcher.close()
 
-    def readable() -> None:
+class _EOFWatch:
+    """A running :func:`watch_disconnect`."""
+
+    __slots__ = ("watcher", "_raw", "_stream", "_own")
+
+    def __init__(self, raw: t.Any, stream: _EOFStream, own: bool) -> None:
+        self.watcher: t.Any = None
+        self._raw = raw
+        self._stream: _EOFStream | None = stream
+        #: Whether the watcher was made for this watch (and is closed by it).
+        self._own = own
+
+    def __call__(self) -> None:
+        # The socket is readable.
         try:
-            data = raw.recv(1, _PEEK_FLAGS)
+            data = self._raw.recv(1, _PEEK_FLAGS)
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
             data = b""
-        stop()
-        if not data:
-            on_eof()
+        stream = self._stream
+        self.stop()
+        if not data and stream is not None:
+            stream.on_eof()
         # Readable data that is not EOF (a pipelined request): stop watching
         # rather than spin; the heartbeat remains.
 
-    watcher.start(readable)
-    return stop
+    def stop(self) -> None:
+        """Stop watching; idempotent. A borrowed watcher is left open, idle,
+        as it was."""
+        watcher = self.watcher
+        if watcher is None:
+            return
+        self.watcher = self._stream = None
+        watcher.stop()
+        if self._own:
+            watcher.close()
 
 
 class _WriteTiming(t.Protocol):
@@ -416,7 +467,7 @@ class _Writer:
         "pending",
         "_pending_count",
         "_metrics",
-        "_send",
+        "_raw",
         "_thread",
         "_ready",
     )
@@ -430,8 +481,8 @@ class _Writer:
         self.pending: bytes | None = None
         self._pending_count = 0
         self._metrics = metrics
-        self._send: t.Any = None
-        self._thread = _os_thread_ident()
+        self._raw: t.Any = None
+        self._thread = _thread_ident()
         #: None until the headers are out; then whether chunks can be sent.
         self._ready: bool | None = None
 
@@ -451,7 +502,7 @@ class _Writer:
         if ready is None:
             ready = self._ready = self._state()
             if ready:
-                self._send = self.sock._sock.send
+                self._raw = self.sock._sock
         return bool(ready)
 
     def send(self, frame: Frame) -> bool:
@@ -462,7 +513,7 @@ class _Writer:
         if wire is None:
             wire = frame.wire = b"%X\r\n%b\r\n" % (len(data), data)
         try:
-            sent = self._send(wire)
+            sent = self._raw.send(wire)
         except OSError:
             # Full (EAGAIN) or broken: the server's own write path, in the
             # stream's greenlet, waits or fails as it always does.
@@ -544,6 +595,8 @@ class _Timing(t.Protocol):
 
 class _Watched(t.Protocol):
     @property
+    def task(self) -> t.Any: ...
+    @property
     def timing(self) -> _Timing: ...
     @property
     def waker(self) -> Waker: ...
@@ -561,24 +614,29 @@ class Watchdog:
     - wakes a stream whose heartbeat or lifetime end is due, so that idle
       streams wait without a timer of their own (one timer per wait was an
       allocation and two libev calls on every delivery).
+
+    ``streams`` is the application's registry of open streams, which their
+    owners keep (a stream leaves it when it is released): the watchdog
+    keeps no registry of its own. Its greenlet runs while there are streams;
+    :meth:`start` starts it again.
     """
 
     def __init__(
-        self, tick: float = 0.5, on_tick: t.Callable[[], None] | None = None
+        self,
+        streams: t.Collection[_Watched],
+        tick: float = 0.5,
+        on_tick: t.Callable[[], None] | None = None,
     ) -> None:
         self._tick = tick
         #: Called at every tick, before the sweep (it must not block).
         self._on_tick = on_tick
-        self._streams: weakref.WeakSet[_Watched] = weakref.WeakSet()
+        self._streams = streams
         self._runner: t.Any = None
 
-    def add(self, stream: _Watched) -> None:
-        self._streams.add(stream)
+    def start(self) -> None:
+        """Make sure the sweeps run (a stream was added to the registry)."""
         if self._runner is None or self._runner.dead:
             self._runner = gevent.spawn(self._run)
-
-    def discard(self, stream: _Watched) -> None:
-        self._streams.discard(stream)
 
     def _run(self) -> None:
         while self._streams:
@@ -587,12 +645,15 @@ class Watchdog:
                 self._on_tick()
             now = time.monotonic()
             for stream in list(self._streams):
+                if stream.task is None:
+                    continue  # a plain thread's stream times its own waits
                 timing = stream.timing
                 if timing.writing_since is None:
                     if timing.due(now):
                         stream.waker.set()
                 elif timing.send_timed_out(now):
-                    self._streams.discard(stream)
+                    # Once: the write counts as over from here on.
+                    timing.writing_since = None
                     stream.on_send_timeout()
 
 

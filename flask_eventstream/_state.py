@@ -25,7 +25,7 @@ from .sse import Event
 if t.TYPE_CHECKING:
     from .metrics import Metrics
 
-__all__ = ["AppState", "Settings", "register", "state_for"]
+__all__ = ["AppState", "Settings", "all_states", "register", "state_for"]
 
 log = logging.getLogger(__name__)
 
@@ -161,8 +161,9 @@ def _make_backend(settings: Settings) -> t.Callable[[Sink], Backend]:
     )
 
 
-class Stream(t.Protocol):
-    """What the state needs of an open stream (a :class:`~.connection.Connection`)."""
+class Stream(_gevent._Watched, t.Protocol):
+    """What the state and its watchdog need of an open stream (a
+    :class:`~.connection.Connection`)."""
 
     def end(self, reason: str, *, kill: bool = False) -> None: ...
 
@@ -197,6 +198,7 @@ class AppState:
 
             self.metrics = get_metrics()
         self.watchdog = _gevent.Watchdog(
+            self.live,
             tick=min(ticks),
             # On gevent, streams add up their deliveries between ticks.
             on_tick=None if self.metrics is None else self.metrics.flush,
@@ -279,6 +281,11 @@ _states: weakref.WeakKeyDictionary[t.Any, AppState] = weakref.WeakKeyDictionary(
 def register(app: t.Any, state: AppState) -> None:
     """Keep ``state`` as ``app``'s (for as long as the app lives)."""
     _states[app] = state
+
+
+def all_states() -> list[AppState]:
+    """The state of every application alive."""
+    return list(_states.values())
 
 
 def state_for(app: t.Any) -> AppState:

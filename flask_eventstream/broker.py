@@ -235,9 +235,17 @@ def encode_frame(event: Event, key: Key | None, max_size: int) -> Frame:
     return Frame(data, key)
 
 
-#: A callable that drives iteration of a subscription; views install one that
-#: adds heartbeats, lifetime and disconnect handling.
-Follower = t.Callable[["Subscription"], t.Iterator[Frame | None]]
+class Owner(t.Protocol):
+    """The stream a subscription feeds (a view's connection)."""
+
+    def follow(self, sub: Subscription) -> t.Iterator[Frame | None]:
+        """Drive the iteration of ``sub``: with heartbeats, lifetime and
+        disconnect handling."""
+        ...
+
+    def revoke(self, reason: str) -> None:
+        """End the stream (from any greenlet), with ``reason``."""
+        ...
 
 
 class Subscription:
@@ -261,11 +269,10 @@ class Subscription:
         "relabel",
         "send",
         "user",
-        "ender",
+        "owner",
         "_queue",
         "_limit",
         "_waker",
-        "_follow",
     )
 
     def __init__(
@@ -274,16 +281,18 @@ class Subscription:
         channels: tuple[str, ...],
         waker: Waker,
         limit: int,
-        follow: Follower | None = None,
+        owner: Owner | None = None,
         user: str | None = None,
     ) -> None:
         self.broker = broker
         self.channels = channels
         #: Whose stream this is (for presence and revocation), if known.
         self.user = user
-        #: Ends the stream this subscription feeds, with a reason; ``None``
-        #: for a subscription iterated on its own (closing it ends it).
-        self.ender: t.Callable[[str], None] | None = None
+        #: The stream this subscription feeds, which iterating it follows
+        #: and :meth:`end` ends; ``None`` for a subscription iterated on its
+        #: own (closing it ends it). One reference, not two bound methods:
+        #: an idle stream keeps this for as long as it is open.
+        self.owner = owner
         #: Live frames with a key at or below this were already replayed.
         self.floor: Key | None = None
         self.overflowed = False
@@ -311,7 +320,6 @@ class Subscription:
         self._queue: list[Frame] = []
         self._limit = limit
         self._waker = waker
-        self._follow = follow
 
     # -- publishing side: called from any greenlet or thread, never blocks --
 
@@ -421,14 +429,14 @@ class Subscription:
 
     def end(self, reason: str) -> None:
         """End the stream this subscription feeds (from any greenlet)."""
-        if self.ender is not None:
-            self.ender(reason)
+        if self.owner is not None:
+            self.owner.revoke(reason)
         else:
             self.close()
 
     def __iter__(self) -> t.Iterator[Frame | None]:
-        if self._follow is not None:
-            return self._follow(self)
+        if self.owner is not None:
+            return self.owner.follow(self)
         return self._standalone()
 
     def _standalone(self) -> t.Iterator[Frame]:
@@ -692,7 +700,7 @@ class Broker:
         channels: tuple[str, ...],
         last_id: str | None,
         waker: Waker,
-        follow: Follower | None = None,
+        owner: Owner | None = None,
         user: str | None = None,
     ) -> Subscription:
         if not channels:
@@ -700,7 +708,7 @@ class Broker:
         for channel in channels:
             validate_channel(channel)
         channels = tuple(dict.fromkeys(channels))
-        sub = Subscription(self, channels, waker, self.queue_size, follow, user)
+        sub = Subscription(self, channels, waker, self.queue_size, owner, user)
         last = parse_id(last_id)
         # A malformed or oversized id is no resume: it is treated as absent.
         sub.resuming = last is not None

@@ -12,11 +12,11 @@ response around :meth:`Connection.body`.
 from __future__ import annotations
 
 import contextvars
+import gc
 import itertools
 import logging
 import time
 import typing as t
-import weakref
 from collections.abc import Iterator
 
 from . import _gevent
@@ -51,32 +51,45 @@ _ids = itertools.count(1)
 #: The environ key under which a request's stream is kept (for testing).
 ENVIRON_KEY = "flask_eventstream.connection"
 
-#: Streams by their request's input stream: a test client that runs the
-#: application with a copy of the environ shares that object with the copy.
-_by_input: weakref.WeakKeyDictionary[t.Any, weakref.ref[Connection]] = (
-    weakref.WeakKeyDictionary()
-)
-
 
 def keep_connection(environ: t.MutableMapping[str, t.Any], conn: Connection) -> None:
     """Make ``conn`` findable from its request's environ (or a copy)."""
     environ[ENVIRON_KEY] = conn
-    try:
-        _by_input[environ.get("wsgi.input")] = weakref.ref(conn)
-    except TypeError:  # no input stream, or one without weak references
-        pass
 
 
 def find_connection(environ: t.Mapping[str, t.Any]) -> Connection | None:
-    """The stream of the request with ``environ`` (or a copy of it)."""
+    """The stream of the request with ``environ`` (or a copy of it).
+
+    A test client that runs the application with a copy of the environ
+    shares its input stream with the copy: the stream is found by that
+    object, among the open streams, else among every stream object alive.
+    No per-stream index is kept for this (it is for tests; on a server each
+    entry would cost every idle stream memory).
+    """
     conn = environ.get(ENVIRON_KEY)
     if isinstance(conn, Connection):
         return conn
-    try:
-        ref = _by_input.get(environ.get("wsgi.input"))
-    except TypeError:
+    given = environ.get("wsgi.input")
+    if given is None:
         return None
-    return ref() if ref is not None else None
+    for conn in _open_connections():
+        if conn.input is given:
+            return conn
+    for obj in gc.get_objects():
+        if isinstance(obj, Connection) and obj.input is given:
+            return obj
+    return None
+
+
+def _open_connections() -> list[Connection]:
+    from ._state import all_states
+
+    return [
+        conn
+        for state in all_states()
+        for conn in list(state.live)
+        if isinstance(conn, Connection)
+    ]
 
 
 #: The stream whose body is running in this greenlet or thread.
@@ -85,8 +98,12 @@ current_connection: contextvars.ContextVar[Connection | None] = contextvars.Cont
 )
 
 
-class Connection:
-    """One open event stream."""
+class Connection(Timing):
+    """One open event stream.
+
+    A connection is its own :class:`~.timing.Timing` (:attr:`timing`): one
+    object less for every open stream.
+    """
 
     __slots__ = (
         "__weakref__",
@@ -100,10 +117,10 @@ class Connection:
         "released",
         "started",
         "task",
-        "timing",
         "writer",
         "user",
-        "_stop_watch",
+        "input",
+        "_watch",
         "_cancel_kill",
     )
 
@@ -113,14 +130,17 @@ class Connection:
         self.id = next(_ids)
         self.remote_addr: str | None = environ.get("REMOTE_ADDR")
         self.waker = _gevent.make_waker()
-        self.subscriptions: list[Subscription] = []
+        #: A tuple: the empty one is shared, and it grows by one per
+        #: subscription, which are few.
+        self.subscriptions: tuple[Subscription, ...] = ()
         self.closed = False
         self.reason = "closed"
         self.released = False
         #: Whether the body started (and client_connected was sent).
         self.started = False
         self.task = _gevent.current_task()
-        self.timing = Timing(
+        Timing.__init__(
+            self,
             time.monotonic(),
             settings.heartbeat,
             settings.send_timeout,
@@ -131,9 +151,17 @@ class Connection:
         self.writer: _gevent._Writer | None = None
         #: Whose stream this is, once a subscription with a user was made.
         self.user: str | None = None
-        self._stop_watch: t.Callable[[], None] | None = None
+        #: The request's input stream, which a copy of its environ shares
+        #: (see :func:`find_connection`).
+        self.input: t.Any = environ.get("wsgi.input")
+        self._watch: _gevent._EOFWatch | None = None
         self._cancel_kill: t.Callable[[], None] | None = None
         state.live.add(self)
+
+    @property
+    def timing(self) -> Timing:
+        """The stream's clock: the connection itself."""
+        return self
 
     # -- ending --
 
@@ -150,13 +178,15 @@ class Connection:
             self._cancel_kill = _gevent.call_later(_KILL_GRACE, self._kill)
 
     def adopt(self, sub: Subscription, user: str | None) -> None:
-        """Make ``sub`` (subscribed in this stream) end the stream when it is
-        revoked or disconnected."""
-        sub.ender = self._end_revoked
+        """Keep ``sub``, subscribed in this stream with this stream as its
+        owner, for the stream's life."""
+        self.subscriptions += (sub,)
         if user is not None:
             self.user = user
 
-    def _end_revoked(self, reason: str) -> None:
+    def revoke(self, reason: str) -> None:
+        """End the stream: one of its subscriptions was revoked or
+        disconnected (from any greenlet)."""
         self.end(reason, kill=True)
 
     def _kill(self) -> None:
@@ -178,7 +208,8 @@ class Connection:
         self.timing.end_by(deadline)
         self.waker.set()
 
-    def _on_eof(self) -> None:
+    def on_eof(self) -> None:
+        """The client closed its end (called in the hub)."""
         self.end("client", kill=True)
 
     def release(self) -> None:
@@ -189,16 +220,17 @@ class Connection:
         self.closed = True
         self.timing.writing_since = None
         self.writer = None
-        for cancel in (self._stop_watch, self._cancel_kill):
-            if cancel is not None:
-                cancel()
-        self._stop_watch = self._cancel_kill = None
+        if self._watch is not None:
+            self._watch.stop()
+            self._watch = None
+        if self._cancel_kill is not None:
+            self._cancel_kill()
+            self._cancel_kill = None
         state = self.state
-        state.watchdog.discard(self)
         channels = self._channels()
         for sub in self.subscriptions:
             sub.close()
-        self.subscriptions.clear()
+        self.subscriptions = ()
         state.live.discard(self)
         log.debug(
             "Event stream %s from %s ended (%s).",
@@ -374,8 +406,12 @@ class Connection:
             if primed:
                 yield b""
             if self.task is not None:
-                self._stop_watch = _gevent.watch_disconnect(environ, self._on_eof)
-                self.state.watchdog.add(self)
+                # Nothing reads the socket while a subscription's frames are
+                # the whole body: the socket's own read watcher can be used.
+                self._watch = _gevent.watch_disconnect(
+                    environ, self, shared=sub is not None
+                )
+                self.state.watchdog.start()
             self.started = True
             self.state.broker.observer.stream_opened(self.id, self._channels())
             self.state.send_connected(
@@ -392,8 +428,9 @@ class Connection:
                 count = _count(first, head)
             # The hot loop: writes are inlined (no helper generator per
             # write) and frames, the common item, skip _to_bytes.
+            # (No bound method kept in a local: the generator keeps its
+            # locals for the life of the stream.)
             monotonic = time.monotonic
-            to_bytes = self._to_bytes
             timing = self.timing
             # A write's events count once it completed. On gevent they are
             # added up per process and reach the counter at the watchdog's
@@ -427,7 +464,7 @@ class Connection:
                         chunk = item.data
                         count = item.count
                     else:
-                        chunk = to_bytes(item)
+                        chunk = self._to_bytes(item)
                         count = _count(item, chunk)
                     if chunk:
                         data = chunk

@@ -214,9 +214,8 @@ class EventStream:
         conn = current_connection.get()
         if conn is not None and conn.state is state and not conn.released:
             sub = state.broker.subscribe(
-                channels, last_event_id, conn.waker, conn.follow, user
+                channels, last_event_id, conn.waker, conn, user
             )
-            conn.subscriptions.append(sub)
             conn.adopt(sub, user)
             if checked is not None:
                 conn.set_deadline(time.monotonic() + checked.expires - time.time())

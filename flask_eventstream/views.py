@@ -35,6 +35,18 @@ __all__ = ["eventstream"]
 P = t.ParamSpec("P")
 
 
+#: An exhausted iterator: the items of a body that takes its frames from a
+#: subscription directly.
+_NOTHING: Iterator[t.Any] = iter(())
+
+
+def _direct(conn: Connection, rv: t.Any) -> t.TypeGuard[Subscription]:
+    """Whether the body of ``conn`` takes the frames of ``rv``, a view's
+    return value, from the subscription itself: a subscription of this
+    stream, on a gevent server."""
+    return isinstance(rv, Subscription) and rv.owner is conn and conn.task is not None
+
+
 _SINGLE = (Event, str, bytes, bytearray, dict, list, int, float, bool, type(None))
 
 
@@ -82,6 +94,12 @@ def _make_response(
         elif isinstance(rv, (Response, tuple)):
             conn.release()
             return current_app.make_response(rv)
+        elif _direct(conn, rv):
+            # What iterating the subscription would give first (see
+            # Connection.follow), without a generator kept for the life of
+            # the stream: the body takes the rest from the subscription,
+            # which the stream closes when it is released.
+            first, items = rv.take(), _NOTHING
         else:
             iterator = _items(rv)
             if iterator is None:
