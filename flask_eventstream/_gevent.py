@@ -464,12 +464,15 @@ class _Writer:
         "owner",
         "sock",
         "stream",
+        "timing",
         "pending",
         "_pending_count",
         "_metrics",
         "_raw",
         "_thread",
         "_ready",
+        "_body",
+        "_wire",
     )
 
     def __init__(
@@ -478,7 +481,12 @@ class _Writer:
         self.owner = owner
         self.sock = sock
         self.stream = stream
+        self.timing = stream.timing
         self.pending: bytes | None = None
+        #: Bytes written since the server was last told (:meth:`settle`):
+        #: of the frames, and on the wire.
+        self._body = 0
+        self._wire = 0
         self._pending_count = 0
         self._metrics = metrics
         self._raw: t.Any = None
@@ -505,12 +513,14 @@ class _Writer:
                 self._raw = self.sock._sock
         return bool(ready)
 
-    def send(self, frame: Frame) -> bool:
-        if self.pending is not None or _os_thread_ident() != self._thread:
+    def send(self, frame: Frame, now: float, thread: int) -> bool:
+        """Write ``frame`` now, from ``thread``, at monotonic time ``now``;
+        whether it was taken (see the class)."""
+        if self.pending is not None or thread != self._thread:
             return False
         wire = frame.wire
-        data = frame.data
         if wire is None:
+            data = frame.data
             wire = frame.wire = b"%X\r\n%b\r\n" % (len(data), data)
         try:
             sent = self._raw.send(wire)
@@ -518,29 +528,33 @@ class _Writer:
             # Full (EAGAIN) or broken: the server's own write path, in the
             # stream's greenlet, waits or fails as it always does.
             return False
-        stream = self.stream
-        stream.timing.last_write = time.monotonic()
-        self._count(len(data), sent)
+        self.timing.last_write = now
+        self._body += len(frame.data)
+        self._wire += sent
         if sent < len(wire):
             self.pending = wire[sent:]
             self._pending_count = frame.count
-            stream.waker.set()
+            self.stream.waker.set()
         elif self._metrics is not None:
             # A write's events count once it completed.
             self._metrics.pending += frame.count
         return True
 
-    #: The writer itself is what a waiting subscription calls: no bound
-    #: method to allocate each time the stream waits.
-    __call__ = send
+    def settle(self) -> None:
+        """Tell the server the bytes written since it was last told (for its
+        access log): before the server writes again, and when the stream
+        ends."""
+        if self._wire:
+            self._count(self._body, self._wire)
+            self._body = self._wire = 0
 
     def flush(self) -> None:
         """Write what :meth:`send` left over; blocks this greenlet."""
         pending, self.pending = self.pending, None
         if pending:
             self.sock.sendall(pending)
-            self._count(0, len(pending))
-            self.stream.timing.last_write = time.monotonic()
+            self._wire += len(pending)
+            self.timing.last_write = time.monotonic()
             if self._metrics is not None:
                 self._metrics.pending += self._pending_count
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import re
 import threading
+import time
 import typing as t
 
 from blinker import Signal
@@ -25,6 +26,7 @@ from .sse import Event
 __all__ = [
     "Backend",
     "Broker",
+    "DirectWriter",
     "Frame",
     "Registry",
     "Sink",
@@ -115,6 +117,17 @@ class Waker(t.Protocol):
     def clear(self) -> None: ...
     def is_set(self) -> bool: ...
     def wait(self, timeout: float | None = None) -> bool: ...
+
+
+class DirectWriter(t.Protocol):
+    """Writes frames straight to a waiting subscriber's client (see
+    :attr:`Subscription.send`)."""
+
+    def send(self, frame: Frame, now: float, thread: int) -> bool:
+        """Write ``frame`` without blocking, from OS thread ``thread``, at
+        monotonic time ``now``; whether it was taken (if not, it goes
+        through :meth:`Subscription.deliver`)."""
+        ...
 
 
 class Deferrer(t.Protocol):
@@ -308,12 +321,11 @@ class Subscription:
         #: position per channel): gives each live frame its id, or drops it
         #: (``None``) when the subscription had it already.
         self.relabel: t.Callable[[Frame], Frame | None] | None = None
-        #: While the subscriber waits with nothing queued, a callable that
-        #: writes a frame straight to its client and returns whether it took
-        #: it (see :meth:`.Connection.wait`); ``None`` otherwise. Only a
-        #: deferred fan-out (:class:`_Fanout`) uses it, and never for a
-        #: subscription whose frames are relabelled.
-        self.send: t.Callable[[Frame], bool] | None = None
+        #: While the subscriber waits with nothing queued, what writes a
+        #: frame straight to its client (see :meth:`.Connection.wait`);
+        #: ``None`` otherwise. Only a deferred fan-out (:class:`_Fanout`)
+        #: uses it, and never for a subscription whose frames are relabelled.
+        self.send: DirectWriter | None = None
         # A list, not a deque: an idle subscriber's empty list is 56 bytes,
         # an empty deque about 600. drain() takes a slice and deletes it,
         # each one atomic under the GIL, so publishing threads lose nothing.
@@ -522,15 +534,17 @@ class _Fanout:
             data = b"".join([f.data for f in frames])
             frame = Frame(data, frames[-1].key, sum([f.count for f in frames]))
         first = frames[0].key
+        now = time.monotonic()
+        thread = self._thread
         for sub in tuple(self.subs):
-            send = sub.send
+            direct = sub.send
             # A relabelled subscription gives each frame its own id: frame by
             # frame, through deliver().
-            if send is not None and sub.relabel is None:
+            if direct is not None and sub.relabel is None:
                 floor = sub.floor
-                if (floor is None or (first is not None and first > floor)) and send(
-                    frame
-                ):
+                if (
+                    floor is None or (first is not None and first > floor)
+                ) and direct.send(frame, now, thread):
                     continue
                 # Queued frames go out before any later frame is sent.
                 sub.send = None

@@ -219,7 +219,9 @@ class Connection(Timing):
         self.released = True
         self.closed = True
         self.timing.writing_since = None
-        self.writer = None
+        if self.writer is not None:
+            self.writer.settle()
+            self.writer = None
         if self._watch is not None:
             self._watch.stop()
             self._watch = None
@@ -438,6 +440,11 @@ class Connection(Timing):
             metrics = self.state.metrics
             batched = self.task is not None
             while True:
+                writer = self.writer
+                if writer is not None:
+                    # The server's count of bytes written first, then its write.
+                    writer.settle()
+                    writer = None
                 timing.writing_since = now = monotonic()
                 yield data
                 timing.writing_since = None

@@ -16,6 +16,7 @@ from tests.support.servers import open_clients
 from tests.support.servers import pump
 from tests.support.servers import Server
 from tests.support.servers import SSEClient
+from tests.support.servers import wait_for
 
 pytestmark = pytest.mark.server
 
@@ -139,3 +140,35 @@ def test_an_unknown_gunicorn_version_keeps_its_own_write_path(
         events = client.read_events(3, 5)
         assert triples(events) == [("message", f"f{i}", ids[i]) for i in range(3)]
         assert writers(server) == {"direct": 0, "server": 1}
+
+
+def test_the_access_log_counts_the_bytes_written_directly(
+    start_server: StartServer, tmp_path: pathlib.Path
+):
+    """gunicorn logs the body bytes of a stream whose events were written
+    straight to the socket, as it does for the bytes it writes itself."""
+    log = tmp_path / "access.log"
+    server = start_server(
+        "gunicorn",
+        env={"EVENTSTREAM_HEARTBEAT": "60"},
+        args=["--access-logfile", str(log), "--access-logformat", "%(U)s %(B)s"],
+    )
+    client = SSEClient(server.port, "/stream/counted")
+    try:
+        server.wait_connections(1, 5)
+        for i in range(5):
+            server.publish("counted", f"event {i}")
+        server.post_json("/bulk/counted?n=20&batch=20")
+        pump([client], lambda: len(client.events) >= 25, 10)
+        assert writers(server) == {"direct": 1, "server": 0}
+        assert len(client.events) == 25
+    finally:
+        client.close()
+    server.wait_connections(0, 5)
+
+    def logged() -> list[str]:
+        text = log.read_text() if log.exists() else ""
+        return [line for line in text.splitlines() if line.startswith("/stream/")]
+
+    wait_for(lambda: bool(logged()), 5)
+    assert logged() == [f"/stream/counted {client.body_len}"]
