@@ -39,11 +39,15 @@ if t.TYPE_CHECKING:
 __all__ = [
     "APP",
     "AppServer",
+    "ExitedEarly",
     "RedisClusterProcess",
     "RedisProcess",
+    "ServerProcess",
     "raise_nofile",
     "redis_clients",
+    "stop_process",
     "wait_for",
+    "wait_started",
 ]
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -65,34 +69,57 @@ def wait_for(
         time.sleep(interval)
 
 
-def _stop(proc: subprocess.Popen[bytes], timeout: float, signum: int) -> None:
+def stop_process(
+    proc: subprocess.Popen[bytes], timeout: float, signum: int = signal.SIGTERM
+) -> bool:
+    """Send ``signum`` to a running ``proc`` by PID and wait up to ``timeout``
+    seconds; SIGKILL it after that. Return True if it had to be killed."""
     if proc.poll() is not None:
-        return
+        return False
     proc.send_signal(signum)
     try:
         proc.wait(timeout)
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait(5)
+        return True
+    return False
 
 
-def _start(
-    proc: subprocess.Popen[bytes], ready: Callable[[], bool], timeout: float, what: str
+class ExitedEarly(RuntimeError):
+    """The process exited before it was ready."""
+
+
+def wait_started(
+    proc: subprocess.Popen[bytes],
+    ready: Callable[[], bool],
+    timeout: float,
+    interval: float,
+    what: str,
 ) -> None:
-    """Poll ``ready()`` (a port that is not open yet: no event to await)."""
+    """Poll ``ready()`` (polling a port that is not open yet: no event to
+    await) until it is true. Raise :class:`ExitedEarly` if ``proc`` exits
+    first, ``TimeoutError`` after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
-    while not ready():
+    while True:
         if proc.poll() is not None:
-            raise RuntimeError(f"{what} exited with {proc.returncode}")
+            raise ExitedEarly(f"{what} exited with {proc.returncode}")
+        if ready():
+            return
         if time.monotonic() > deadline:
             raise TimeoutError(f"{what} did not answer within {timeout}s")
-        time.sleep(0.05)
+        time.sleep(interval)
 
 
-class AppServer:
-    """:mod:`benchmarks.app` in a subprocess on ``HOST:port``. ``kind`` is
-    ``"gunicorn"`` (``-k gevent -w 1``, more workers with ``args``) or
-    ``"pywsgi"``."""
+_S = t.TypeVar("_S", bound="ServerProcess")
+
+
+class ServerProcess:
+    """An application server in a subprocess on ``HOST:port``, its output
+    kept in a temporary file, with HTTP helpers for the routes that the
+    example app, the benchmark app and the test apps share (``/healthz``,
+    ``/publish/<channel>``). Subclasses give the command line
+    (:meth:`command`)."""
 
     def __init__(
         self,
@@ -113,45 +140,34 @@ class AppServer:
             EXAMPLE_PORT=str(self.port),
         )
         self.env.update(env or {})
-        py = sys.executable
-        if kind == "gunicorn":
-            self.argv = [
-                py,
-                "-m",
-                "gunicorn",
-                "-k",
-                "gevent",
-                "-w",
-                "1",
-                "-b",
-                f"{HOST}:{self.port}",
-                "--worker-connections",
-                "4000",
-                "--no-control-socket",
-                *args,
-                f"{APP}:create_app()",
-            ]
-        elif kind == "pywsgi":
-            self.argv = [py, "-m", APP, *args]
-        else:
-            raise ValueError(f"unknown server kind {kind!r}")
-        self._log = tempfile.TemporaryFile(prefix=f"bench-{kind}-")
+        self.argv = self.command(kind, list(args))
+        self._output = tempfile.TemporaryFile(prefix=f"server-{kind}-")
         self.proc: subprocess.Popen[bytes] | None = None
+        self.returncode: int | None = None
 
-    def start(self, timeout: float = 30.0) -> AppServer:
+    def command(self, kind: str, args: list[str]) -> list[str]:
+        raise NotImplementedError
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def start(self: _S, timeout: float = 30.0) -> _S:
         self.proc = subprocess.Popen(
             self.argv,
             cwd=ROOT,
             env=self.env,
             stdin=subprocess.DEVNULL,
-            stdout=self._log,
-            stderr=self._log,
+            stdout=self._output,
+            stderr=self._output,
         )
+        what = f"{self.kind} server"
         try:
-            _start(self.proc, self._healthy, timeout, f"{self.kind} server")
-        except (RuntimeError, TimeoutError) as e:
+            wait_started(self.proc, self._healthy, timeout, 0.05, what)
+        except (ExitedEarly, TimeoutError) as e:
             self.stop()
-            raise type(e)(f"{e} (GET /healthz):\n{self.log()}") from None
+            raise type(e)(f"{e} (GET /healthz):\n{self.output()}") from None
         return self
 
     def _healthy(self) -> bool:
@@ -172,32 +188,33 @@ class AppServer:
         except OSError:
             return []
 
-    def worker_pid(self) -> int:
-        """The PID that answers requests (a worker under gunicorn)."""
-        return int(self.get_json("/counters")["pid"])
-
     def stop(self, timeout: float = 10.0) -> None:
-        """SIGTERM, then SIGKILL (also to leftover workers) after ``timeout``."""
-        if self.proc is None:
+        """SIGTERM, then SIGKILL (also to leftover children) after ``timeout``."""
+        proc = self.proc
+        if proc is None:
             return
         kids = self.children()
-        _stop(self.proc, timeout, signal.SIGTERM)
+        stop_process(proc, timeout)
+        self.returncode = proc.returncode
         for pid in kids:
             with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGKILL)
 
     def close(self) -> None:
         self.stop()
-        self._log.close()
+        self._output.close()
 
-    def log(self, limit: int = 20000) -> str:
-        if self._log.closed:
+    def output(self, limit: int = 20000) -> str:
+        """What the server wrote (stdout and stderr), the last ``limit``
+        characters."""
+        f = self._output
+        if f.closed:
             return ""
-        self._log.flush()
-        self._log.seek(0)
-        text = self._log.read().decode("utf-8", "replace")
-        self._log.seek(0, os.SEEK_END)
-        return text[-limit:]
+        f.flush()
+        f.seek(0)
+        text = f.read().decode("utf-8", "replace")
+        f.seek(0, os.SEEK_END)
+        return text if len(text) <= limit else "...\n" + text[-limit:]
 
     # -- HTTP --
 
@@ -206,32 +223,34 @@ class AppServer:
         method: str,
         path: str,
         body: t.Any = None,
+        headers: t.Mapping[str, str] | None = None,
         timeout: float = 10.0,
     ) -> tuple[int, bytes]:
         conn = http.client.HTTPConnection(HOST, self.port, timeout=timeout)
         try:
-            headers = {}
+            hdrs = dict(headers or {})
             data = None
             if body is not None:
                 data = json.dumps(body).encode()
-                headers["Content-Type"] = "application/json"
-            conn.request(method, path, body=data, headers=headers)
+                hdrs.setdefault("Content-Type", "application/json")
+            conn.request(method, path, body=data, headers=hdrs)
             response = conn.getresponse()
             return response.status, response.read()
         finally:
             conn.close()
 
-    def publish(self, channel: str, data: t.Any) -> str:
+    def publish(self, channel: str, data: t.Any, event: str | None = None) -> str:
         """``POST /publish/<channel>``; return the id the server assigned."""
-        status, raw = self.request("POST", f"/publish/{channel}", {"data": data})
-        if status != 202:
-            raise RuntimeError(f"POST /publish/{channel}: {status} {raw!r}")
+        body: dict[str, t.Any] = {"data": data}
+        if event is not None:
+            body["event"] = event
+        status, raw = self.request("POST", f"/publish/{channel}", body)
+        assert status == 202, (status, raw)
         return str(json.loads(raw)["id"])
 
     def get_json(self, path: str) -> t.Any:
         status, raw = self.request("GET", path)
-        if status != 200:
-            raise RuntimeError(f"GET {path}: {status} {raw!r}")
+        assert status == 200, (status, raw)
         return json.loads(raw)
 
     def connections(self) -> int:
@@ -239,7 +258,7 @@ class AppServer:
 
     def wait_connections(self, count: int, timeout: float) -> float:
         """Poll ``/healthz`` until ``connections == count``; return the
-        seconds it took."""
+        seconds it took. Raises ``TimeoutError`` with the last figure."""
         start = time.monotonic()
         while (last := self.connections()) != count:
             if time.monotonic() - start > timeout:
@@ -248,6 +267,42 @@ class AppServer:
                 )
             time.sleep(0.01)
         return time.monotonic() - start
+
+
+class AppServer(ServerProcess):
+    """:mod:`benchmarks.app` in a subprocess on ``HOST:port``. ``kind`` is
+    ``"gunicorn"`` (``-k gevent -w 1``, more workers with ``args``) or
+    ``"pywsgi"``."""
+
+    def command(self, kind: str, args: list[str]) -> list[str]:
+        py = sys.executable
+        if kind == "gunicorn":
+            return [
+                py,
+                "-m",
+                "gunicorn",
+                "-k",
+                "gevent",
+                "-w",
+                "1",
+                "-b",
+                f"{HOST}:{self.port}",
+                "--worker-connections",
+                "4000",
+                "--no-control-socket",
+                *args,
+                f"{APP}:create_app()",
+            ]
+        if kind == "pywsgi":
+            return [py, "-m", APP, *args]
+        raise ValueError(f"unknown server kind {kind!r}")
+
+    def log(self, limit: int = 20000) -> str:
+        return self.output(limit)
+
+    def worker_pid(self) -> int:
+        """The PID that answers requests (a worker under gunicorn)."""
+        return int(self.get_json("/counters")["pid"])
 
     def __repr__(self) -> str:
         return f"<AppServer {self.kind} :{self.port}>"
@@ -329,8 +384,8 @@ class RedisProcess:
             stderr=subprocess.DEVNULL,
         )
         try:
-            _start(self.proc, self._ping, timeout, "redis-server")
-        except (RuntimeError, TimeoutError) as e:
+            wait_started(self.proc, self._ping, timeout, 0.05, "redis-server")
+        except (ExitedEarly, TimeoutError) as e:
             raise type(e)(f"{e}:\n{self.log()}") from None
         return self
 
@@ -350,7 +405,7 @@ class RedisProcess:
     def stop(self, *, kill: bool = False, timeout: float = 10.0) -> None:
         """SIGTERM (Redis writes its AOF and exits) or SIGKILL."""
         if self.proc is not None:
-            _stop(self.proc, timeout, signal.SIGKILL if kill else signal.SIGTERM)
+            stop_process(self.proc, timeout, signal.SIGKILL if kill else signal.SIGTERM)
 
     def client(self) -> redis.Redis:
         """A redis-py client named ``bench``, closed by :meth:`close`."""

@@ -22,17 +22,11 @@ speaks HTTP/1.1, decodes the chunked body and feeds
 
 from __future__ import annotations
 
-import contextlib
-import http.client
 import json
 import os
 import resource
-import signal
 import socket
-import subprocess
 import sys
-import tempfile
-import time
 import typing as t
 from collections.abc import Callable
 from collections.abc import Iterator
@@ -42,6 +36,11 @@ import pytest
 from flask import Flask
 from flask import request
 
+from benchmarks.processes import ExitedEarly
+from benchmarks.processes import ServerProcess
+from benchmarks.processes import stop_process
+from benchmarks.processes import wait_for
+from benchmarks.processes import wait_started
 from benchmarks.sseclient import ChunkedDecoder
 from benchmarks.sseclient import open_clients
 from benchmarks.sseclient import pump
@@ -94,63 +93,6 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_for(
-    predicate: Callable[[], t.Any], timeout: float, interval: float = 0.02
-) -> t.Any:
-    """Poll ``predicate`` until it returns something truthy; raise
-    ``TimeoutError`` after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise TimeoutError(f"condition not met within {timeout}s")
-        time.sleep(interval)
-
-
-def stop_process(
-    proc: subprocess.Popen[bytes], timeout: float, signum: int = signal.SIGTERM
-) -> bool:
-    """Send ``signum`` to a running ``proc`` by PID and wait up to ``timeout``
-    seconds; SIGKILL it after that. Return True if it had to be killed."""
-    if proc.poll() is not None:
-        return False
-    proc.send_signal(signum)
-    try:
-        proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(5)
-        return True
-    return False
-
-
-class ExitedEarly(RuntimeError):
-    """The process exited before it was ready."""
-
-
-def wait_started(
-    proc: subprocess.Popen[bytes],
-    ready: Callable[[], bool],
-    timeout: float,
-    interval: float,
-    what: str,
-) -> None:
-    """Poll ``ready()`` (polling a port that is not open yet: no event to
-    await) until it is true. Raise :class:`ExitedEarly` if ``proc`` exits
-    first, ``TimeoutError`` after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        if proc.poll() is not None:
-            raise ExitedEarly(f"{what} exited with {proc.returncode}")
-        if ready():
-            return
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what} did not answer within {timeout}s")
-        time.sleep(interval)
-
-
 # -- in-process apps (Flask's test client) --
 
 
@@ -186,8 +128,8 @@ def rec(event: Event) -> ReceivedEvent:
 # -- servers --
 
 
-class Server:
-    """A server subprocess on ``HOST:port``."""
+class Server(ServerProcess):
+    """A server subprocess on ``HOST:port`` serving ``app``."""
 
     def __init__(
         self,
@@ -196,27 +138,12 @@ class Server:
         env: t.Mapping[str, str] | None = None,
         args: Sequence[str] = (),
     ) -> None:
-        self.kind = kind
         self.app = app
-        self.port = free_port()
-        self.env = dict(os.environ)
-        self.env.pop("EVENTSTREAM_REDIS_URL", None)
-        self.env.update(
-            PYTHONUNBUFFERED="1",
-            PYTHONPATH=os.pathsep.join(
-                [ROOT, *filter(None, [os.environ.get("PYTHONPATH")])]
-            ),
-            EXAMPLE_HOST=HOST,
-            EXAMPLE_PORT=str(self.port),
-        )
-        self.env.update(env or {})
-        self.argv = self._argv(kind, app, list(args))
-        self._stderr = tempfile.TemporaryFile(prefix=f"server-{kind}-")
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.returncode: int | None = None
+        super().__init__(kind, env, args)
 
-    def _argv(self, kind: str, app: str, args: list[str]) -> list[str]:
+    def command(self, kind: str, args: list[str]) -> list[str]:
         py = sys.executable
+        app = self.app
         bind = f"{HOST}:{self.port}"
         if kind == "pywsgi":
             return [py, "-m", "tests.apps.serve", app, *args]
@@ -265,47 +192,6 @@ class Server:
             ]
         raise ValueError(f"unknown server kind {kind!r}")
 
-    # -- life --
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    def start(self, timeout: float = 30.0) -> Server:
-        self.proc = subprocess.Popen(
-            self.argv,
-            cwd=ROOT,
-            env=self.env,
-            stdin=subprocess.DEVNULL,
-            stdout=self._stderr,
-            stderr=self._stderr,
-        )
-        what = f"{self.kind} server"
-        try:
-            wait_started(self.proc, self._healthy, timeout, 0.05, what)
-        except (ExitedEarly, TimeoutError) as e:
-            raise type(e)(f"{e} (GET /healthz):\n{self.stderr()}") from None
-        return self
-
-    def _healthy(self) -> bool:
-        try:
-            status, _ = self.request("GET", "/healthz", timeout=1.0)
-        except OSError:
-            return False
-        return status == 200
-
-    def children(self) -> list[int]:
-        """PIDs of the server's child processes (gunicorn's workers)."""
-        if self.proc is None:
-            return []
-        path = f"/proc/{self.proc.pid}/task/{self.proc.pid}/children"
-        try:
-            with open(path) as f:
-                return [int(p) for p in f.read().split()]
-        except OSError:
-            return []
-
     def worker_pid(self) -> int:
         """The PID that serves requests (the worker under gunicorn)."""
         status, body = self.request("GET", "/counters")
@@ -326,92 +212,13 @@ class Server:
         self.returncode = self.proc.wait(timeout)
         return self.returncode
 
-    def stop(self, timeout: float = 10.0) -> None:
-        """SIGTERM, then SIGKILL (also to leftover children) after ``timeout``."""
-        proc = self.proc
-        if proc is None:
-            return
-        kids = self.children()
-        stop_process(proc, timeout)
-        self.returncode = proc.returncode
-        for pid in kids:
-            with contextlib.suppress(OSError):
-                os.kill(pid, signal.SIGKILL)
-
-    def close(self) -> None:
-        self.stop()
-        self._stderr.close()
-
     def stderr(self, limit: int = 20000) -> str:
-        f = self._stderr
-        if f.closed:
-            return ""
-        f.flush()
-        f.seek(0)
-        text = f.read().decode("utf-8", "replace")
-        f.seek(0, os.SEEK_END)
-        return text if len(text) <= limit else "...\n" + text[-limit:]
-
-    # -- HTTP --
-
-    def request(
-        self,
-        method: str,
-        path: str,
-        body: t.Any = None,
-        headers: t.Mapping[str, str] | None = None,
-        timeout: float = 10.0,
-    ) -> tuple[int, bytes]:
-        conn = http.client.HTTPConnection(HOST, self.port, timeout=timeout)
-        try:
-            hdrs = dict(headers or {})
-            data = None
-            if body is not None:
-                data = json.dumps(body).encode()
-                hdrs.setdefault("Content-Type", "application/json")
-            conn.request(method, path, body=data, headers=hdrs)
-            response = conn.getresponse()
-            return response.status, response.read()
-        finally:
-            conn.close()
-
-    def publish(self, channel: str, data: t.Any, event: str | None = None) -> str:
-        """POST /publish/<channel>; return the id the server assigned."""
-        body: dict[str, t.Any] = {"data": data}
-        if event is not None:
-            body["event"] = event
-        status, raw = self.request("POST", f"/publish/{channel}", body)
-        assert status == 202, (status, raw)
-        return str(json.loads(raw)["id"])
+        return self.output(limit)
 
     def post_json(self, path: str) -> t.Any:
         status, raw = self.request("POST", path, {})
         assert status == 202, (status, raw)
         return json.loads(raw)
-
-    def get_json(self, path: str) -> t.Any:
-        status, raw = self.request("GET", path)
-        assert status == 200, (status, raw)
-        return json.loads(raw)
-
-    def connections(self) -> int:
-        return int(self.get_json("/healthz")["connections"])
-
-    def wait_connections(self, count: int, timeout: float) -> float:
-        """Poll /healthz until ``connections == count``; return the seconds
-        it took. Raises ``TimeoutError`` with the last figure."""
-        start = time.monotonic()
-        deadline = start + timeout
-        last = -1
-        while True:
-            last = self.connections()
-            if last == count:
-                return time.monotonic() - start
-            if time.monotonic() > deadline:
-                raise TimeoutError(
-                    f"connections is {last}, not {count}, after {timeout}s"
-                )
-            time.sleep(0.01)
 
     def __repr__(self) -> str:
         return f"<Server {self.kind} {self.app} :{self.port}>"
@@ -478,7 +285,7 @@ def start_server(request: pytest.FixtureRequest) -> Iterator[Callable[..., Serve
         server.stop()
     for server in servers:
         # Kept open until the report was made; close the files now.
-        server._stderr.close()
+        server.close()
 
 
 # -- a raw-socket SSE client --
