@@ -14,7 +14,8 @@ a channel name):
   streams (what :meth:`RedisPresence.users` reads);
 - ``~revoked``: a hash, user → when (Unix ms) their grants were revoked;
 - ``~control``: a stream of control messages (revoke, disconnect) that every
-  worker's reader follows.
+  worker's reader follows, each announced on the shard channel of the same
+  name.
 
 One script does every change (a worker's deltas, its heartbeat, and the
 sweep of dead workers) atomically, so the totals always equal the sum of the
@@ -263,11 +264,16 @@ class RedisPresence:
         return int(raw) if raw is not None else None
 
     def send_control(self, client: redis.Redis, fields: dict[str, str]) -> str:
-        """Append a control message for every worker's reader; its id."""
-        raw = client.xadd(
+        """Append a control message for every worker's reader, and announce
+        it on the stream's shard channel (the readers subscribed there read
+        the stream at once); its id."""
+        pipe: t.Any = client.pipeline(transaction=False)
+        pipe.xadd(
             self.control_key,
             t.cast(t.Any, fields),
             maxlen=CONTROL_MAXLEN,
             approximate=True,
         )
+        pipe.execute_command("SPUBLISH", self.control_key, "1")
+        raw, _ = pipe.execute()
         return _text(raw)

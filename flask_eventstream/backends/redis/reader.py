@@ -55,9 +55,12 @@ READER_PING = 5.0
 BACKOFF = (0.05, 1.0)
 #: Readers and the manager of a process without subscriptions stop after this.
 IDLE = 30.0
-#: While a process has streams, it reads control messages (revoke,
-#: disconnect) this often (seconds).
-CONTROL_POLL = 0.5
+#: While a process has streams, the reader of the control stream's master
+#: is subscribed to its shard channel, on which every control message
+#: (revoke, disconnect) is announced, and the manager reads the stream when
+#: one is; it also reads it this often (seconds), in case an announcement
+#: was missed while a reader reconnected.
+CONTROL_POLL = 5.0
 #: Messages buffered per channel while it is brought live.
 BUFFER_LIMIT = 10000
 #: Channels whose newest position a process remembers after it stopped
@@ -248,6 +251,9 @@ class Reader:
         self._on_control = on_control
         #: The id after which control messages are read; set at first read.
         self._control_position: str | None = None
+        #: The master whose reader is subscribed to the control stream's
+        #: announcements (None: none is, or it is to be routed again).
+        self._control_node: str | None = None
         self._prefix = prefix
         self._history = history
         self._lock = threading.Lock()
@@ -435,8 +441,8 @@ class Reader:
 
     def _read_control(self, shards: Shards) -> None:
         """Apply the control messages sent since the last look, while this
-        process has streams (the manager looks every :data:`CONTROL_POLL`
-        seconds then)."""
+        process has streams (the manager looks when a reader hears one
+        announced, and every :data:`CONTROL_POLL` seconds)."""
         key = self._control_key
         if key is None:
             return
@@ -478,6 +484,15 @@ class Reader:
                     reader = self._readers.get(old) if old else None
                     if reader is not None:
                         readers.append((reader, state.key))
+        control = self._control_key
+        if control is not None:
+            with self._lock:
+                was = self._control_node
+                if was is not None and shards.node_of(control) != was:
+                    self._control_node = None
+                    reader = self._readers.get(was)
+                    if reader is not None:
+                        readers.append((reader, control))
         for reader, key in readers:
             self._send(reader, "SUNSUBSCRIBE", key)
 
@@ -495,13 +510,20 @@ class Reader:
                 if state.position is not None:
                     self._remember(state.name, state.position)
             readers = dict(self._readers)
+            control = None
+            if self._control_node is not None and not self._channels and not wanted:
+                control = readers.get(self._control_node)
+                self._control_node = None
         for state in dropped:
             reader = readers.get(state.node) if state.node else None
             if reader is not None:
                 self._send(reader, "SUNSUBSCRIBE", state.key)
+        if control is not None and self._control_key is not None:
+            self._send(control, "SUNSUBSCRIBE", self._control_key)
 
     def _route(self, shards: Shards) -> bool:
-        """Subscribe each channel on the reader of its master."""
+        """Subscribe each channel on the reader of its master, and the
+        control stream's announcements on the reader of its master."""
         with self._lock:
             unrouted = [s for s in self._channels.values() if s.node is None]
         for state in unrouted:
@@ -511,17 +533,35 @@ class Reader:
                     continue
                 state.node = node
                 state.confirmed = state.live = False
-                reader = self._readers.get(node)
-                if reader is None or not reader.running:
-                    reader = self._readers[node] = _Link(node)
-                    _gevent.spawn_background(
-                        functools.partial(self._read, reader),
-                        f"flask-eventstream redis reader {node}",
-                    )
+                reader = self._link(node)
+                if reader is None:
                     continue  # a new reader subscribes its channels
             self._send(reader, "SSUBSCRIBE", state.key)
+        control = self._control_key
+        if control is not None:
+            link = None
+            with self._lock:
+                if self._control_node is None and (self._channels or self._pending):
+                    self._control_node = shards.node_of(control)
+                    link = self._link(self._control_node)
+            if link is not None:
+                self._send(link, "SSUBSCRIBE", control)
         with self._lock:
             return any(not s.confirmed for s in self._channels.values())
+
+    def _link(self, node: str) -> _Link | None:
+        """The running reader of ``node``; ``None`` when one was started
+        now (it subscribes what is routed to it when it connects). Lock
+        held."""
+        reader = self._readers.get(node)
+        if reader is not None and reader.running:
+            return reader
+        self._readers[node] = _Link(node)
+        _gevent.spawn_background(
+            functools.partial(self._read, self._readers[node]),
+            f"flask-eventstream redis reader {node}",
+        )
+        return None
 
     def _send(self, reader: _Link, *command: str) -> None:
         """Send a command on a reader's connection (its replies come to the
@@ -779,6 +819,8 @@ class Reader:
                             for s in self._channels.values()
                             if s.node == reader.node
                         ]
+                        if self._control_node == reader.node and self._control_key:
+                            keys.append(self._control_key)
                     if keys:
                         conn.send_packed_command(
                             conn.pack_commands([("SSUBSCRIBE", k) for k in keys]),
@@ -810,6 +852,8 @@ class Reader:
                     if state.node == reader.node:
                         state.node = None
                         state.confirmed = state.live = False
+                if self._control_node == reader.node:
+                    self._control_node = None
                 wakeup = self._wakeup
             if wakeup is not None:
                 wakeup.set()
@@ -845,7 +889,9 @@ class Reader:
         while not self._closed and reader.running:
             if not conn.can_read(timeout=READER_PING):
                 with self._lock:
-                    mine = any(s.node == reader.node for s in self._channels.values())
+                    mine = self._control_node == reader.node or any(
+                        s.node == reader.node for s in self._channels.values()
+                    )
                 if not mine:
                     now = time.monotonic()
                     if reader.idle_since is None:
@@ -874,6 +920,10 @@ class Reader:
                 if state.node == reader.node and not state.confirmed:
                     if key_slot(state.key.encode()) == slot:
                         state.node = None
+            control = self._control_key
+            if control is not None and self._control_node == reader.node:
+                if key_slot(control.encode()) == slot:
+                    self._control_node = None
             self._refresh = True
             wakeup = self._wakeup
         if wakeup is not None:
@@ -884,6 +934,9 @@ class Reader:
             return
         kind = reply[0]
         key = reply[1].decode("utf-8") if isinstance(reply[1], bytes) else str(reply[1])
+        if key == self._control_key:
+            self._on_control_reply(reader, kind)
+            return
         channel = key[len(self._prefix) + 1 : -1]
         if kind == b"smessage":
             self._on_message(reader, channel, reply[2])
@@ -904,6 +957,20 @@ class Reader:
                 self._refresh = wake = True
             wakeup = self._wakeup
         if wake and wakeup is not None:
+            wakeup.set()
+
+    def _on_control_reply(self, reader: _Link, kind: bytes) -> None:
+        """A control message was announced: the manager reads the stream now.
+        An unsubscription not asked for (the slot moved) routes it again."""
+        with self._lock:
+            reader.idle_since = None
+            if kind == b"sunsubscribe" and self._control_node == reader.node:
+                self._control_node = None
+                self._refresh = True
+            elif kind != b"smessage":
+                return
+            wakeup = self._wakeup
+        if wakeup is not None:
             wakeup.set()
 
     def _on_message(self, reader: _Link, channel: str, payload: bytes) -> None:
