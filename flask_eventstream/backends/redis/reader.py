@@ -566,17 +566,21 @@ class Reader:
     def _send(self, reader: _Link, *command: str) -> None:
         """Send a command on a reader's connection (its replies come to the
         reader); nothing if it is not connected (it subscribes every channel
-        routed to it when it connects)."""
+        routed to it when it connects) or is being stopped.
+
+        The bytes go straight to the socket: redis-py's own send disconnects
+        the connection when it fails, under the reader's read in another
+        thread. The reader alone ends its connection; it sees a broken one
+        too."""
         with reader.lock:
             conn = reader.conn
-            if conn is None:
+            sock = getattr(conn, "_sock", None)
+            if conn is None or sock is None or not reader.running:
                 return
             try:
-                conn.send_packed_command(
-                    conn.pack_command(*command), check_health=False
-                )
-            except LOST:
-                pass  # the reader sees the broken connection too
+                sock.sendall(b"".join(conn.pack_command(*command)))
+            except OSError:
+                pass
 
     def _bring_live(self, shards: Shards) -> bool:
         """Read what each confirmed, not yet live channel missed."""
