@@ -20,6 +20,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -43,6 +44,7 @@ __all__ = [
     "RedisClusterProcess",
     "RedisProcess",
     "ServerProcess",
+    "TLSFiles",
     "raise_nofile",
     "redis_clients",
     "stop_process",
@@ -112,6 +114,7 @@ def wait_started(
 
 
 _S = t.TypeVar("_S", bound="ServerProcess")
+_R = t.TypeVar("_R", bound="RedisProcess")
 
 
 class ServerProcess:
@@ -308,19 +311,33 @@ class AppServer(ServerProcess):
         return f"<AppServer {self.kind} :{self.port}>"
 
 
+class TLSFiles(t.Protocol):
+    """A server certificate, its key and the CA that signed it (paths)."""
+
+    cert: str
+    key: str
+    ca: str
+
+
 class RedisProcess:
     """``redis-server`` on ``HOST:port``, in a temporary directory, with no
     persistence but ``appendonly``; ``extra`` options go last on its command
-    line (:meth:`argv`), and with ``password`` it requires ``AUTH`` (also of
-    its replicas, as ``masterauth``)."""
+    line (:meth:`argv`), with ``password`` it requires ``AUTH`` (also of its
+    replicas, as ``masterauth``), and with ``tls`` it speaks TLS only (its
+    plain port is off)."""
+
+    #: The name of the clients :meth:`client` makes.
+    client_name = "bench"
 
     def __init__(
         self,
+        binary: str | None = None,
         *,
         appendonly: bool = False,
         extra: Sequence[str] = (),
         password: str | None = None,
-        binary: str | None = None,
+        port: int | None = None,
+        tls: TLSFiles | None = None,
     ) -> None:
         binary = binary or shutil.which("redis-server")
         if binary is None:
@@ -329,8 +346,9 @@ class RedisProcess:
         self.appendonly = appendonly
         self.extra = list(extra)
         self.password = password
-        self.port = free_port()
-        self._tmp = tempfile.TemporaryDirectory(prefix="bench-redis-")
+        self.port = port or free_port()
+        self.tls = tls
+        self._tmp = tempfile.TemporaryDirectory(prefix="redis-")
         self.dir = self._tmp.name
         self.log_path = os.path.join(self.dir, "redis.log")
         self.proc: subprocess.Popen[bytes] | None = None
@@ -338,7 +356,15 @@ class RedisProcess:
 
     @property
     def url(self) -> str:
-        return f"redis://{HOST}:{self.port}/0"
+        scheme = "rediss" if self.tls else "redis"
+        return f"{scheme}://{HOST}:{self.port}/0"
+
+    @property
+    def options(self) -> dict[str, t.Any]:
+        """What redis-py needs besides the URL (the CA of a TLS server)."""
+        if self.tls is None:
+            return {}
+        return {"ssl_ca_certs": self.tls.ca}
 
     @property
     def pid(self) -> int:
@@ -350,14 +376,18 @@ class RedisProcess:
         return self.proc is not None and self.proc.poll() is None
 
     def argv(self) -> list[str]:
-        auth = []
+        tls = self.tls
+        if tls is not None:
+            ports = ["--port", "0", "--tls-port", str(self.port)]
+            ports += ["--tls-cert-file", tls.cert, "--tls-key-file", tls.key]
+            ports += ["--tls-ca-cert-file", tls.ca, "--tls-auth-clients", "no"]
+        else:
+            ports = ["--port", str(self.port)]
         if self.password:
-            auth = ["--requirepass", self.password, "--masterauth", self.password]
+            ports += ["--requirepass", self.password, "--masterauth", self.password]
         return [
             self.binary,
-            "--port",
-            str(self.port),
-            *auth,
+            *ports,
             "--bind",
             HOST,
             "--dir",
@@ -370,10 +400,12 @@ class RedisProcess:
             self.log_path,
             "--daemonize",
             "no",
+            "--protected-mode",
+            "yes",
             *self.extra,
         ]
 
-    def start(self, timeout: float = 10.0) -> RedisProcess:
+    def start(self: _R, timeout: float = 10.0) -> _R:
         """Start (again, on the same port) and wait until it answers PING
         with its data loaded."""
         assert not self.running, "already running"
@@ -384,14 +416,22 @@ class RedisProcess:
             stderr=subprocess.DEVNULL,
         )
         try:
-            wait_started(self.proc, self._ping, timeout, 0.05, "redis-server")
+            wait_started(self.proc, self._ping, timeout, 0.02, "redis-server")
         except (ExitedEarly, TimeoutError) as e:
             raise type(e)(f"{e}:\n{self.log()}") from None
         return self
 
     def _ping(self) -> bool:
         try:
-            with socket.create_connection((HOST, self.port), timeout=0.5) as s:
+            with contextlib.ExitStack() as stack:
+                s = stack.enter_context(
+                    socket.create_connection((HOST, self.port), timeout=0.5)
+                )
+                if self.tls is not None:
+                    context = ssl.create_default_context(cafile=self.tls.ca)
+                    s = stack.enter_context(
+                        context.wrap_socket(s, server_hostname=HOST)
+                    )
                 if self.password:
                     s.sendall(f"AUTH {self.password}\r\n".encode())
                     if not s.recv(64).startswith(b"+OK"):
@@ -407,13 +447,15 @@ class RedisProcess:
         if self.proc is not None:
             stop_process(self.proc, timeout, signal.SIGKILL if kill else signal.SIGTERM)
 
-    def client(self) -> redis.Redis:
-        """A redis-py client named ``bench``, closed by :meth:`close`."""
+    def client(self, **kwargs: t.Any) -> redis.Redis:
+        """A redis-py client named :attr:`client_name`, closed by
+        :meth:`close`; ``kwargs`` go to ``redis.Redis``."""
         import redis
 
-        client = redis.Redis.from_url(
-            self.url, client_name="bench", password=self.password, socket_timeout=5
-        )
+        kwargs.setdefault("client_name", self.client_name)
+        kwargs.setdefault("password", self.password)
+        kwargs.setdefault("socket_timeout", 5)
+        client = redis.Redis.from_url(self.url, **{**self.options, **kwargs})
         self._clients.append(client)
         return client
 
@@ -435,7 +477,8 @@ class RedisProcess:
 
     def __repr__(self) -> str:
         pid = self.proc and self.proc.pid
-        return f"<{type(self).__name__} :{self.port} pid={pid}>"
+        tls = " tls" if self.tls else ""
+        return f"<{type(self).__name__} :{self.port}{tls} pid={pid}>"
 
 
 class RedisClusterProcess:

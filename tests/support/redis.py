@@ -26,14 +26,7 @@ POSTs numbered events and keeps every answer), :func:`ids_of`.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import signal
-import socket
-import ssl
-import subprocess
-import tempfile
 import threading
 import time
 import typing as t
@@ -43,12 +36,9 @@ from collections.abc import Sequence
 
 import pytest
 
+from benchmarks.processes import RedisProcess
 from flask_eventstream.testing import broker
-from tests.support.servers import ExitedEarly
-from tests.support.servers import free_port
 from tests.support.servers import report_on_failure
-from tests.support.servers import stop_process
-from tests.support.servers import wait_started
 
 if t.TYPE_CHECKING:
     import redis
@@ -56,7 +46,6 @@ if t.TYPE_CHECKING:
 
     from tests.support.servers import Server
     from tests.support.servers import SSEClient
-    from tests.support.tls import TLSFiles
 
 HOST = "127.0.0.1"
 
@@ -72,42 +61,12 @@ __all__ = [
 ]
 
 
-class RedisServer:
-    """``redis-server`` in a subprocess on ``127.0.0.1:port``."""
+class RedisServer(RedisProcess):
+    """``redis-server`` in a subprocess on ``127.0.0.1:port``, for the
+    tests: its clients are named ``tests``, and it gives the app
+    configuration that reaches it."""
 
-    def __init__(
-        self,
-        binary: str = "redis-server",
-        *,
-        appendonly: bool = False,
-        extra: Sequence[str] = (),
-        port: int | None = None,
-        tls: TLSFiles | None = None,
-        password: str | None = None,
-    ) -> None:
-        self.binary = binary
-        self.appendonly = appendonly
-        self.extra = list(extra)
-        self.port = port or free_port()
-        #: With TLS files, the server speaks TLS only (its plain port is off).
-        self.tls = tls
-        #: With a password, clients must AUTH (``requirepass``).
-        self.password = password
-        self._tmp = tempfile.TemporaryDirectory(prefix="eventstream-redis-")
-        self.dir = self._tmp.name
-        self.log_path = os.path.join(self.dir, "redis.log")
-        self.proc: subprocess.Popen[bytes] | None = None
-        self._clients: list[redis.Redis] = []
-
-    @property
-    def url(self) -> str:
-        scheme = "rediss" if self.tls else "redis"
-        return f"{scheme}://{HOST}:{self.port}/0"
-
-    @property
-    def options(self) -> dict[str, t.Any]:
-        """What EVENTSTREAM_REDIS_OPTIONS needs to reach this server."""
-        return self.tls.redis_options() if self.tls else {}
+    client_name = "tests"
 
     def config(self) -> dict[str, t.Any]:
         """App configuration for this server."""
@@ -123,126 +82,9 @@ class RedisServer:
             for k, v in self.config().items()
         }
 
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    @property
-    def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def argv(self) -> list[str]:
-        if self.tls:
-            ports = ["--port", "0", "--tls-port", str(self.port)]
-            ports += ["--tls-cert-file", self.tls.cert, "--tls-key-file", self.tls.key]
-            ports += ["--tls-ca-cert-file", self.tls.ca, "--tls-auth-clients", "no"]
-        else:
-            ports = ["--port", str(self.port)]
-        if self.password:
-            ports += ["--requirepass", self.password, "--masterauth", self.password]
-        argv = [
-            self.binary,
-            *ports,
-            "--bind",
-            HOST,
-            "--dir",
-            self.dir,
-            "--save",
-            "",
-            "--appendonly",
-            "yes" if self.appendonly else "no",
-            "--logfile",
-            self.log_path,
-            "--daemonize",
-            "no",
-            "--protected-mode",
-            "yes",
-        ]
-        return argv + self.extra
-
-    def start(self, timeout: float = 10.0) -> RedisServer:
-        """Start (again, on the same port) and wait until it answers PING
-        with its data loaded."""
-        assert not self.running, "already running"
-        self.proc = subprocess.Popen(
-            self.argv(),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        try:
-            wait_started(self.proc, self._ping, timeout, 0.02, "redis-server")
-        except (ExitedEarly, TimeoutError) as e:
-            raise type(e)(f"{e}:\n{self.log()}") from None
-        return self
-
-    def _ping(self) -> bool:
-        try:
-            with contextlib.ExitStack() as stack:
-                s = stack.enter_context(
-                    socket.create_connection((HOST, self.port), timeout=0.5)
-                )
-                if self.tls:
-                    context = ssl.create_default_context(cafile=self.tls.ca)
-                    s = stack.enter_context(
-                        context.wrap_socket(s, server_hostname=HOST)
-                    )
-                if self.password:
-                    s.sendall(f"AUTH {self.password}\r\n".encode())
-                    if not s.recv(64).startswith(b"+OK"):
-                        return False
-                s.sendall(b"PING\r\n")
-                reply = s.recv(64)
-        except OSError:
-            return False
-        # "-LOADING ..." while the AOF is read.
-        return reply.startswith(b"+PONG")
-
-    def stop(self, *, kill: bool = False, timeout: float = 10.0) -> None:
-        """SIGTERM (Redis writes its AOF and exits) or SIGKILL; then wait
-        until the port is free to bind again."""
-        proc = self.proc
-        if proc is None:
-            return
-        stop_process(proc, timeout, signal.SIGKILL if kill else signal.SIGTERM)
-
     def restart(self, *, kill: bool = False) -> None:
         self.stop(kill=kill)
         self.start()
-
-    def client(self, **kwargs: t.Any) -> redis.Redis:
-        """A client for assertions (named ``tests``); closed in teardown."""
-        import redis
-
-        kwargs.setdefault("client_name", "tests")
-        kwargs.setdefault("password", self.password)
-        kwargs.setdefault("socket_timeout", 5)
-        client = redis.Redis.from_url(self.url, **{**self.options, **kwargs})
-        self._clients.append(client)
-        return client
-
-    def log(self, limit: int = 5000) -> str:
-        try:
-            with open(self.log_path, encoding="utf-8", errors="replace") as f:
-                text = f.read()
-        except OSError:
-            return ""
-        return text[-limit:]
-
-    def close(self) -> None:
-        for client in self._clients:
-            with contextlib.suppress(Exception):
-                client.close()
-        self._clients.clear()
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(5)
-        self._tmp.cleanup()
-
-    def __repr__(self) -> str:
-        tls = " tls" if self.tls else ""
-        return f"<RedisServer :{self.port}{tls} pid={self.proc and self.proc.pid}>"
 
 
 def redis_clients(
