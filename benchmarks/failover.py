@@ -290,7 +290,7 @@ def failover_loop(
         refused = [d for _, _, status, _, d in publisher.answers if status != 202]
         master = setup.master
         entries = [
-            f[b"d"].decode() for _, f in master.client().xrange("eventstream:lobby")
+            f[b"d"].decode() for _, f in master.client().xrange("eventstream:{lobby}")
         ]
         wanted = {d for _, d in accepted}
         # Everything the final master holds reaches every stream (bounded).
