@@ -58,6 +58,7 @@ _ENV_KEYS: dict[str, t.Callable[[str], t.Any]] = {
     "EVENTSTREAM_SEND_TIMEOUT": float,
     "EVENTSTREAM_MAX_LIFETIME": float,
     "EVENTSTREAM_METRICS": boolean,
+    "EVENTSTREAM_PARK_STREAMS": boolean,
     "EXAMPLE_PRIVATE_TOKEN": str,
     "EXAMPLE_CLOCK_INTERVAL": float,
     # Grants and presence (example_app.people).

@@ -9,6 +9,8 @@ development server, a script) gets :mod:`threading` ones.
 
 from __future__ import annotations
 
+import _socket
+import atexit
 import logging
 import signal
 import socket
@@ -17,6 +19,7 @@ import sys
 import threading
 import time
 import typing as t
+from datetime import datetime
 
 import gevent
 import gevent.event
@@ -29,6 +32,8 @@ from .broker import Frame
 from .broker import Waker
 
 __all__ = [
+    "Handoff",
+    "Parked",
     "background_event",
     "call_later",
     "cooperative",
@@ -39,6 +44,7 @@ __all__ = [
     "install_term_handler",
     "kill",
     "make_waker",
+    "parkable",
     "sleep",
     "spawn_background",
     "watch_disconnect",
@@ -106,6 +112,13 @@ class _WakeBatch:
 _batches: dict[int, _WakeBatch] = {}
 
 
+class _Switchable(t.Protocol):
+    @property
+    def dead(self) -> bool: ...
+
+    def switch(self, value: t.Any) -> t.Any: ...
+
+
 class _GreenWaker:
     """A ``threading.Event``-like flag for one waiting greenlet.
 
@@ -166,6 +179,19 @@ class _GreenWaker:
             self._waiter = None
             if not waiter.dead:
                 waiter.switch(False)
+
+    def call(self, target: _Switchable) -> bool:
+        """Have the next :meth:`set` call ``target.switch(True)`` in the hub
+        instead of switching to a waiting greenlet (a stream served from the
+        hub, see :class:`Parked`); ``False`` when the flag is set already, and
+        nothing was armed."""
+        if self._flag:
+            return False
+        self._waiter = target
+        if self._flag:  # set() by another thread meanwhile
+            self._waiter = None
+            return False
+        return True
 
     def wait(self, timeout: float | None = None) -> bool:
         if self._flag:
@@ -228,7 +254,9 @@ def current_task() -> t.Any:
 
 def kill(task: t.Any) -> None:
     """Raise ``GreenletExit`` in ``task`` at its next switch; never blocks."""
-    if task is not None and not task.dead:
+    if isinstance(task, Parked):
+        task.kill()
+    elif task is not None and not task.dead:
         # gevent.kill() never blocks (it calls Greenlet.kill(block=False),
         # or throws from the hub for a raw greenlet) and takes no ``block``.
         gevent.kill(task)
@@ -280,6 +308,7 @@ def call_later(seconds: float, func: t.Callable[[], None]) -> _Cancel:
 SOCKET_KEYS = ("eventstream.socket", "gunicorn.socket", "gunicorn.sock")
 
 _READ = 1
+_WRITE = 2
 _PEEK_FLAGS = socket.MSG_PEEK | getattr(socket, "MSG_DONTWAIT", 0)
 
 
@@ -548,6 +577,49 @@ class _Writer:
             self._count(self._body, self._wire)
             self._body = self._wire = 0
 
+    def write(self, frame: Frame, now: float) -> bool:
+        """Write ``frame`` without blocking, for a stream served from the hub
+        (:class:`Parked`): what the socket does not take now is kept in
+        :attr:`pending` (:meth:`resume` writes it, and tells a client that
+        is gone). Whether all of it went."""
+        data = frame.data
+        wire = b"%X\r\n%b\r\n" % (len(data), data)
+        self.timing.last_write = now
+        self._body += len(data)
+        try:
+            sent = self._raw.send(wire)
+        except OSError:
+            sent = 0  # full, or broken: resume() says which
+        self._wire += sent
+        if sent < len(wire):
+            self.pending = wire[sent:]
+            self._pending_count = frame.count
+            return False
+        if self._metrics is not None:
+            self._metrics.pending += frame.count
+        return True
+
+    def resume(self) -> bool:
+        """Write what is pending without blocking; whether all of it went.
+
+        :raises OSError: the client is gone."""
+        pending = self.pending
+        if pending is None:
+            return True
+        try:
+            sent = self._raw.send(pending)
+        except (BlockingIOError, InterruptedError):
+            return False
+        self._wire += sent
+        if sent < len(pending):
+            self.pending = pending[sent:]
+            return False
+        self.pending = None
+        self.timing.last_write = time.monotonic()
+        if self._metrics is not None:
+            self._metrics.pending += self._pending_count
+        return True
+
     def flush(self) -> None:
         """Write what :meth:`send` left over; blocks this greenlet."""
         pending, self.pending = self.pending, None
@@ -594,6 +666,305 @@ class _PyWSGIWriter(_Writer):
 
     def _count(self, body: int, wire: int) -> None:
         self.owner.response_length += wire
+
+
+# -- streams served from the hub --
+
+
+class _Pumped(t.Protocol):
+    """A stream that :class:`Parked` serves."""
+
+    @property
+    def waker(self) -> Waker: ...
+
+    def pump(self) -> None:
+        """Take the stream's next turn (in the hub; never blocks)."""
+        ...
+
+    def on_eof(self) -> None: ...
+
+    def release(self) -> None: ...
+
+
+def parkable(
+    body: t.Generator[bytes, None, None],
+    owner: t.Any,
+    park: t.Callable[[Handoff], bool],
+) -> t.Iterator[bytes]:
+    """``body``, the body generator of a stream that only follows a
+    subscription, as the server is to get it.
+
+    Under gunicorn's gevent worker, whose ``start_response`` belongs to
+    ``owner``, it is wrapped in an object that gunicorn compares with its
+    ``ALREADY_HANDLED`` marker before it iterates the body. That comparison
+    calls ``park`` with a :class:`Handoff`: when it returns ``True`` the
+    stream was handed to the hub (:class:`Parked`), and gunicorn's request
+    greenlet ends. Anything else that gets the object (a middleware, another
+    server) iterates it as the body it wraps.
+    """
+    if _already_handled() is None:
+        return body
+    return _ParkableBody(body, owner, park)
+
+
+def _already_handled() -> t.Any:
+    base = sys.modules.get("gunicorn.workers.base_async")
+    return getattr(base, "ALREADY_HANDLED", None)
+
+
+class _ParkableBody:
+    """See :func:`parkable`."""
+
+    __slots__ = ("_body", "_owner", "_park")
+
+    def __init__(
+        self,
+        body: t.Generator[bytes, None, None],
+        owner: t.Any,
+        park: t.Callable[[Handoff], bool],
+    ) -> None:
+        self._body = body
+        self._owner = owner
+        self._park: t.Callable[[Handoff], bool] | None = park
+
+    def __iter__(self) -> _ParkableBody:
+        return self
+
+    def __next__(self) -> bytes:
+        self._park = None
+        return next(self._body)
+
+    def close(self) -> None:
+        self._park = None
+        self._body.close()
+
+    __hash__ = object.__hash__
+
+    def __eq__(self, other: object) -> bool:
+        park = self._park
+        if park is None or other is None or other is not _already_handled():
+            return NotImplemented
+        self._park = None
+        hand = _handoff(self._owner, sys._getframe(1))
+        if hand is None or not park(hand):
+            return NotImplemented  # not handled: gunicorn iterates the body
+        # The stream lives on in the hub: the body generator ends without
+        # ending it.
+        self._body.close()
+        return True
+
+
+def _handoff(owner: t.Any, caller: t.Any) -> Handoff | None:
+    """A :class:`Handoff` of the response ``owner`` if ``caller`` is
+    gunicorn's check for a response that was already handled, in the
+    request loop of its gevent worker as checked, for a chunked HTTP/1.1
+    response whose head is not sent yet; else ``None``."""
+    base = sys.modules.get("gunicorn.workers.base_async")
+    ggevent = sys.modules.get("gunicorn.workers.ggevent")
+    if base is None or ggevent is None:
+        return None
+    if _major(sys.modules.get("gunicorn")) not in _GUNICORN_MAJORS:
+        return None
+    worker_class = ggevent.GeventWorker
+    outer = caller.f_back
+    if (
+        caller.f_code is not base.AsyncWorker.is_already_handled.__code__
+        or outer is None
+        or outer.f_code is not base.AsyncWorker.handle_request.__code__
+    ):
+        return None
+    worker = caller.f_locals.get("self")
+    cls = type(worker)
+    if not (
+        isinstance(worker, worker_class)
+        and cls.handle is worker_class.handle
+        and cls.handle_request is worker_class.handle_request
+    ):
+        return None
+    req = getattr(owner, "req", None)
+    if (
+        getattr(req, "must_close", None) is not False
+        or getattr(owner, "headers_sent", True) is not False
+        or getattr(owner, "chunked", None) is not True
+        or getattr(owner, "response_length", 0) is not None
+        or type(getattr(owner, "sock", None)) is not gevent.socket.socket
+    ):
+        return None
+    local = outer.f_locals
+    return Handoff(owner, worker, local.get("environ"), local.get("request_start"))
+
+
+class Handoff:
+    """A response that gunicorn's gevent worker lets go of (see
+    :func:`parkable`): :meth:`start` writes its head and takes its socket."""
+
+    __slots__ = ("owner", "worker", "environ", "started")
+
+    def __init__(self, owner: t.Any, worker: t.Any, environ: t.Any, started: t.Any):
+        self.owner = owner
+        self.worker = worker
+        self.environ = environ
+        self.started = started if isinstance(started, datetime) else datetime.now()
+
+    def start(
+        self, data: bytes, stream: _Pumped, sub: t.Any, writer: _Writer
+    ) -> Parked:
+        """Send the head of the response (``Connection: close``: the
+        connection ends with the stream) and ``data``, in this greenlet;
+        then take the socket from gunicorn, which ends its request loop
+        without closing it.
+
+        :raises OSError: the client is gone (gunicorn closes the socket)."""
+        owner = self.owner
+        owner.force_close()
+        owner.req.must_close = True
+        owner.write(data)
+        if not writer.ready():
+            raise OSError("the response is not chunked")
+        raw = _socket.socket(fileno=owner.sock.detach())
+        raw.setblocking(False)
+        writer.sock = writer._raw = raw
+        log = self.worker.log
+        if getattr(log, "access_log_enabled", True):
+            access = (log, owner, owner.req, self.environ, self.started)
+        else:
+            access = None
+        return Parked(stream, sub, raw, writer, access)
+
+
+#: Every stream served from the hub: nothing else holds one while it waits.
+_parked: set[Parked] = set()
+_end_at_exit = False
+
+
+def _end_parked() -> None:
+    """At exit: end the responses of the streams still served from the hub
+    with their last chunk, as the server ends its own (a gunicorn worker
+    that stops without SIGTERM, at ``--max-requests``, has no greenlet
+    left to wait for and exits with them open)."""
+    for parked in list(_parked):
+        parked.dead = True
+        raw = parked.raw
+        try:
+            if parked.writer.pending is None:
+                raw.send(b"0\r\n\r\n")
+            raw.close()
+        except OSError:
+            pass
+    _parked.clear()
+
+
+class Parked:
+    """A stream served from the hub after the server's greenlet let it go.
+
+    It has no greenlet: its waker calls :meth:`switch` (which runs the
+    stream's :meth:`~_Pumped.pump`) where it would switch to a waiting
+    greenlet; its socket is watched for the client's EOF, and for room to
+    write when a write was left pending. It is the stream's ``task``:
+    :func:`kill` makes it take a turn (and end, once told to).
+    """
+
+    __slots__ = (
+        "stream",
+        "sub",
+        "raw",
+        "writer",
+        "dead",
+        "_waker",
+        "_eof",
+        "_writable",
+        "_access",
+    )
+
+    def __init__(
+        self,
+        stream: _Pumped,
+        sub: t.Any,
+        raw: t.Any,
+        writer: _Writer,
+        access: tuple[t.Any, ...] | None,
+    ) -> None:
+        self.stream: _Pumped | None = stream
+        #: The subscription whose frames are the body.
+        self.sub = sub
+        self.raw = raw
+        self.writer = writer
+        self.dead = False
+        self._waker = t.cast(_GreenWaker, stream.waker)
+        self._writable: t.Any = None
+        #: What gunicorn's access log needs, when it is on.
+        self._access = access
+        eof = self._eof = _EOFWatch(raw, stream, True)
+        eof.watcher = gevent.get_hub().loop.io(raw.fileno(), _READ)
+        eof.watcher.start(eof)
+        global _end_at_exit
+        if not _end_at_exit:
+            _end_at_exit = True
+            atexit.register(_end_parked)
+        _parked.add(self)
+
+    def switch(self, value: t.Any = None) -> None:
+        """The stream's waker was set (in the hub)."""
+        stream = self.stream
+        if stream is not None and not self.dead:
+            stream.pump()
+
+    def kill(self) -> None:
+        self.switch()
+
+    def arm(self) -> bool:
+        """Have the stream's waker call :meth:`switch` when it is next set;
+        ``False`` when it is set already (nothing was armed)."""
+        return self._waker.call(self)
+
+    def wait_writable(self) -> None:
+        """Set the stream's waker when the socket has room again."""
+        watcher = self._writable
+        if watcher is None:
+            loop = gevent.get_hub().loop
+            watcher = self._writable = loop.io(self.raw.fileno(), _WRITE)
+        if not watcher.active:
+            watcher.start(self._on_writable)
+
+    def _on_writable(self) -> None:
+        self._writable.stop()
+        if self.stream is not None:
+            self.stream.waker.set()
+
+    def finish(self, clean: bool) -> None:
+        """End the response (with its last chunk when ``clean`` and nothing
+        is left half-written), close the socket, and release the stream in a
+        greenlet of its own (its ``client_disconnected`` receivers may
+        block)."""
+        if self.dead:
+            return
+        self.dead = True
+        _parked.discard(self)
+        self._eof.stop()
+        if self._writable is not None:
+            self._writable.stop()
+            self._writable.close()
+            self._writable = None
+        raw = self.raw
+        if clean and self.writer.pending is None:
+            try:
+                raw.send(b"0\r\n\r\n")
+            except OSError:
+                pass
+        raw.close()
+        gevent.spawn(self._release)
+
+    def _release(self) -> None:
+        stream, self.stream = self.stream, None
+        try:
+            if stream is not None:
+                stream.release()
+        except Exception:
+            log.exception("Releasing an event stream failed.")
+        access, self._access = self._access, None
+        if access is not None:
+            logger, resp, req, environ, started = access
+            logger.access(resp, req, environ, datetime.now() - started)
 
 
 class _Timing(t.Protocol):

@@ -49,6 +49,7 @@ class Settings:
     presence_events: bool = False
     presence_timeout: float = 30.0
     metrics: bool = False
+    park_streams: bool = True
 
     KEYS: t.ClassVar[dict[str, str]] = {
         "redis_url": "EVENTSTREAM_REDIS_URL",
@@ -66,6 +67,7 @@ class Settings:
         "presence_events": "EVENTSTREAM_PRESENCE_EVENTS",
         "presence_timeout": "EVENTSTREAM_PRESENCE_TIMEOUT",
         "metrics": "EVENTSTREAM_METRICS",
+        "park_streams": "EVENTSTREAM_PARK_STREAMS",
     }
 
     def __post_init__(self) -> None:
@@ -100,10 +102,12 @@ class Settings:
             raise ValueError(
                 f"EVENTSTREAM_REDIS_PREFIX must be 1 to 128 characters, not {prefix!r}"
             )
-        if not isinstance(self.metrics, bool):
-            raise TypeError(
-                f"{self.KEYS['metrics']} must be True or False, not {self.metrics!r}"
-            )
+        for name in ("metrics", "park_streams"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(
+                    f"{self.KEYS[name]} must be True or False,"
+                    f" not {getattr(self, name)!r}"
+                )
 
     @classmethod
     def from_config(cls, config: t.Mapping[str, t.Any]) -> Settings:

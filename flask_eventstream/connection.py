@@ -174,7 +174,12 @@ class Connection(Timing):
         self.closed = True
         self.reason = reason
         self.waker.set()
-        if kill and self.task is not None and self._cancel_kill is None:
+        if (
+            kill
+            and self.task is not None
+            and self._cancel_kill is None
+            and not isinstance(self.task, _gevent.Parked)
+        ):
             self._cancel_kill = _gevent.call_later(_KILL_GRACE, self._kill)
 
     def adopt(self, sub: Subscription, user: str | None) -> None:
@@ -279,15 +284,7 @@ class Connection(Timing):
                 if frame is not None:
                     return frame
                 if sub.overflowed:
-                    log.warning(
-                        "Event stream %s from %s fell more than %d events behind"
-                        " on %s; disconnecting it (it resumes from history).",
-                        self.id,
-                        self.remote_addr,
-                        self.state.settings.queue_size,
-                        ", ".join(sub.channels),
-                    )
-                    self.end("overflow")
+                    self._fell_behind(sub)
                     return None
             else:
                 waker.clear()
@@ -326,6 +323,100 @@ class Connection(Timing):
                 finally:
                     timing.writing_since = None
         return None
+
+    def _fell_behind(self, sub: Subscription) -> None:
+        log.warning(
+            "Event stream %s from %s fell more than %d events behind"
+            " on %s; disconnecting it (it resumes from history).",
+            self.id,
+            self.remote_addr,
+            self.state.settings.queue_size,
+            ", ".join(sub.channels),
+        )
+        self.end("overflow")
+
+    # -- served from the hub --
+
+    def park(
+        self,
+        hand: _gevent.Handoff,
+        first: t.Any,
+        sub: Subscription,
+        environ: t.Mapping[str, t.Any],
+    ) -> bool:
+        """Serve the rest of this stream, which only follows ``sub``, from
+        the hub (see :class:`._gevent.Parked`): the server's greenlet, and
+        what it holds for the request, is let go. ``first`` is what the body
+        would have started with. Whether the stream was taken over (it may
+        have ended at once: the client was gone)."""
+        writer = self.writer
+        if writer is None or self.closed or self.released:
+            return False
+        data, count = self._open(first, environ, watch=False)
+        try:
+            parked = hand.start(data, self, sub, writer)
+        except OSError:
+            self.end("client")
+            self.release()
+            return True
+        self.task = parked
+        self.input = None
+        self.last_write = time.monotonic()
+        metrics = self.state.metrics
+        if count and metrics is not None:
+            metrics.pending += count
+        self.state.watchdog.start()
+        self.pump()
+        return True
+
+    def pump(self) -> None:
+        """A turn of a stream served from the hub: write what is queued (or
+        finish what the socket did not take), a heartbeat when one is due,
+        or end; then leave a direct writer on the subscription and arm the
+        waker, which the next delivery, heartbeat, end or room on the
+        socket sets. Never blocks."""
+        parked = self.task
+        writer = self.writer
+        if not isinstance(parked, _gevent.Parked) or writer is None:
+            return
+        sub = parked.sub
+        waker = self.waker
+        while not parked.dead:
+            waker.clear()
+            if self.closed or sub.closed:
+                break
+            if writer.pending is not None:
+                try:
+                    drained = writer.resume()
+                except OSError:
+                    self.end("client")
+                    break
+                if not drained:
+                    if self.writing_since is None:
+                        self.writing_since = time.monotonic()
+                    parked.wait_writable()
+                    if parked.arm():
+                        return
+                    continue
+                self.writing_since = None
+            frame = sub.take()
+            now = time.monotonic()
+            if frame is None:
+                if sub.overflowed:
+                    self._fell_behind(sub)
+                    break
+                if self.expired(now):
+                    self.end("lifetime")
+                    break
+                if not self.heartbeat_due(now):
+                    sub.send = writer
+                    if parked.arm():
+                        return
+                    sub.send = None
+                    continue
+                frame = _HEARTBEAT
+            writer.write(frame, now)
+        parked.finish(clean=self.reason not in ("client", "timeout"))
 
     def sleep(self, seconds: float) -> None:
         """Sleep, returning early if the stream is told to end or reaches its
@@ -404,30 +495,21 @@ class Connection(Timing):
         every wait.
         """
         token = None if primed else current_connection.set(self)
-        try:
-            if primed:
+        if primed:
+            try:
                 yield b""
-            if self.task is not None:
-                # Nothing reads the socket while a subscription's frames are
-                # the whole body: the socket's own read watcher can be used.
-                self._watch = _gevent.watch_disconnect(
-                    environ, self, shared=sub is not None
-                )
-                self.state.watchdog.start()
-            self.started = True
-            self.state.broker.observer.stream_opened(self.id, self._channels())
-            self.state.send_connected(
-                channels=self._channels(),
-                connection_id=self.id,
-                remote_addr=self.remote_addr,
-                user=self.user,
-            )
-            data = self.state.retry_bytes
-            count = 0  # events in data
-            if first is not END:
-                head = self._to_bytes(first)
-                data += head or b""
-                count = _count(first, head)
+            except GeneratorExit:
+                # Closed before it started: released, unless the stream was
+                # handed to the hub (see park()).
+                if not isinstance(self.task, _gevent.Parked):
+                    if not self.closed:
+                        self.end("client")
+                    self.release()
+                raise
+        try:
+            # Nothing reads the socket while a subscription's frames are the
+            # whole body: the socket's own read watcher can be used.
+            data, count = self._open(first, environ, watch=True, shared=sub is not None)
             # The hot loop: writes are inlined (no helper generator per
             # write) and frames, the common item, skip _to_bytes.
             # (No bound method kept in a local: the generator keeps its
@@ -498,6 +580,35 @@ class Connection(Timing):
                 self.release()
                 if token is not None:
                     current_connection.reset(token)
+
+    def _open(
+        self,
+        first: t.Any,
+        environ: t.Mapping[str, t.Any],
+        *,
+        watch: bool,
+        shared: bool = False,
+    ) -> tuple[bytes, int]:
+        """Start the stream: watch for the client's EOF (with ``watch``; see
+        :func:`._gevent.watch_disconnect` for ``shared``), tell the
+        observers and receivers, and return the first bytes to write (retry
+        and ``first``) with the number of events in them."""
+        if self.task is not None and watch:
+            self._watch = _gevent.watch_disconnect(environ, self, shared=shared)
+            self.state.watchdog.start()
+        self.started = True
+        self.state.broker.observer.stream_opened(self.id, self._channels())
+        self.state.send_connected(
+            channels=self._channels(),
+            connection_id=self.id,
+            remote_addr=self.remote_addr,
+            user=self.user,
+        )
+        data = self.state.retry_bytes
+        if first is END:
+            return data, 0
+        head = self._to_bytes(first)
+        return data + (head or b""), _count(first, head)
 
     def _channels(self) -> tuple[str, ...]:
         seen: dict[str, None] = {}

@@ -14,6 +14,7 @@ from __future__ import annotations
 import time
 import typing as t
 
+from . import _gevent
 from ._state import Settings
 from ._state import state_for
 from .broker import Broker
@@ -31,6 +32,7 @@ __all__ = [
     "direct_writes",
     "parse",
     "read_events",
+    "served_by",
     "settings",
 ]
 
@@ -79,6 +81,29 @@ def direct_writes(app: t.Any) -> dict[str, int]:
         if writer is not None and writer.ready():
             direct += 1
     return {"direct": direct, "server": len(live) - direct}
+
+
+def served_by(app: t.Any) -> dict[str, int]:
+    """``{"greenlet": n, "hub": m, "thread": k}`` for the open streams of
+    ``app`` in this process: those a greenlet of the server serves, those
+    served from gevent's hub once the server's greenlet let them go (a view
+    that returns a subscription, under gunicorn's gevent worker; see
+    :data:`EVENTSTREAM_PARK_STREAMS`), and those of a threaded server.
+
+    :raises RuntimeError: if no ``EventStream`` is registered on ``app``.
+
+    .. versionadded:: 0.2
+    """
+    counts = {"greenlet": 0, "hub": 0, "thread": 0}
+    for conn in list(state_for(app).live):
+        task = getattr(conn, "task", None)
+        if task is None:
+            counts["thread"] += 1
+        elif isinstance(task, _gevent.Parked):
+            counts["hub"] += 1
+        else:
+            counts["greenlet"] += 1
+    return counts
 
 
 def broker(app: t.Any) -> Broker:

@@ -121,6 +121,12 @@ def _make_response(
         body = conn.body(first, items, request.environ, primed=True, sub=rv)
         next(body)
         response = _response(state, body, passthrough=True, conn=conn)
+        if state.settings.park_streams:
+            environ = request.environ
+            response.eventstream_park = (  # type: ignore[attr-defined]
+                body,
+                lambda hand: conn.park(hand, first, rv, environ),
+            )
     else:
         body = conn.body(first, items, request.environ)
         response = _response(state, _OwnContext(stream_with_context(body)))
@@ -157,6 +163,8 @@ class _OwnContext:
             self._context.run(close)
 
 
+_Body = t.Generator[bytes, None, None]
+_Park = t.Callable[[_gevent.Handoff], bool]
 _stream_classes: dict[type[Response], type[Response]] = {}
 
 
@@ -168,15 +176,22 @@ def _stream_class(base: type[Response]) -> type[Response]:
 
         class StreamResponse(base):  # type: ignore[valid-type,misc]
             eventstream_connection: Connection | None = None
+            #: The body generator, and what hands its stream to the hub.
+            eventstream_park: tuple[_Body, _Park] | None = None
 
             def __call__(
                 self, environ: t.Any, start_response: t.Any
             ) -> Iterable[bytes]:
                 app_iter: Iterable[bytes] = super().__call__(environ, start_response)
                 conn = self.eventstream_connection
-                if conn is not None and not conn.released:
-                    owner = getattr(start_response, "__self__", None)
-                    conn.writer = _gevent.direct_writer(owner, conn, conn.state.metrics)
+                if conn is None or conn.released:
+                    return app_iter
+                owner = getattr(start_response, "__self__", None)
+                conn.writer = _gevent.direct_writer(owner, conn, conn.state.metrics)
+                park = self.eventstream_park
+                self.eventstream_park = None
+                if conn.writer is not None and park is not None and app_iter is park[0]:
+                    return _gevent.parkable(park[0], owner, park[1])
                 return app_iter
 
         cls = _stream_classes[base] = StreamResponse

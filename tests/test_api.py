@@ -93,6 +93,7 @@ def test_testing_module_exposes_the_documented_helpers() -> None:
         "direct_writes",
         "parse",
         "read_events",
+        "served_by",
         "settings",
     }
 

@@ -96,13 +96,25 @@ def _read_until(sock: socket.socket, end: bytes, timeout: float) -> bytes:
     return data
 
 
+#: (server, EVENTSTREAM_PARK_STREAMS): gunicorn's gevent worker hands streams
+#: to the hub unless that is turned off.
+_KEEP_ALIVE = [(kind, True) for kind in GEVENT_KINDS if kind != "gunicorn"] + [
+    ("gunicorn", False)
+]
+
+
 @pytest.mark.server
-@pytest.mark.parametrize("kind", GEVENT_KINDS)
+@pytest.mark.parametrize(("kind", "park"), _KEEP_ALIVE)
 def test_a_connection_serves_its_next_request_after_a_stream_ended(
-    start_server: StartServer, kind: str
+    start_server: StartServer, kind: str, park: bool
 ) -> None:
     server = start_server(
-        kind, env={"EVENTSTREAM_MAX_LIFETIME": "0.5", "EVENTSTREAM_HEARTBEAT": "60"}
+        kind,
+        env={
+            "EVENTSTREAM_MAX_LIFETIME": "0.5",
+            "EVENTSTREAM_HEARTBEAT": "60",
+            "EVENTSTREAM_PARK_STREAMS": "1" if park else "0",
+        },
     )
     with socket.create_connection((HOST, server.port), timeout=10) as sock:
         sock.sendall(b"GET /stream/ka HTTP/1.1\r\nHost: test\r\n\r\n")
@@ -112,6 +124,7 @@ def test_a_connection_serves_its_next_request_after_a_stream_ended(
         head, body = stream.split(b"\r\n\r\n", 1)
         assert head.startswith(b"HTTP/1.1 200"), head
         assert b"transfer-encoding: chunked" in head.lower()
+        assert b"connection: close" not in head.lower()
         # Chunk sizes in hex, in either case.
         assert body.lower() == b"d\r\nretry: 3000\n\n\r\n0\r\n\r\n"
         sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: test\r\n\r\n")
@@ -119,3 +132,28 @@ def test_a_connection_serves_its_next_request_after_a_stream_ended(
     assert reply.startswith(b"HTTP/1.1 200"), reply
     body = reply.split(b"\r\n\r\n", 1)[1]
     assert json.loads(body) == {"connections": 0, "channels": {}}
+
+
+@pytest.mark.server
+def test_a_stream_served_from_the_hub_ends_its_connection(
+    start_server: StartServer,
+) -> None:
+    """Under gunicorn's gevent worker a stream that follows a subscription
+    gives its greenlet back and is served from the hub; its response says
+    ``Connection: close``, ends with the last chunk, and the connection
+    closes (the client's next request opens a new one)."""
+    server = start_server(
+        "gunicorn",
+        env={"EVENTSTREAM_MAX_LIFETIME": "0.5", "EVENTSTREAM_HEARTBEAT": "60"},
+    )
+    with socket.create_connection((HOST, server.port), timeout=10) as sock:
+        sock.sendall(b"GET /stream/ka HTTP/1.1\r\nHost: test\r\n\r\n")
+        stream = _read_until(sock, b"\r\n0\r\n\r\n", 10)
+        head, body = stream.split(b"\r\n\r\n", 1)
+        assert head.startswith(b"HTTP/1.1 200"), head
+        assert b"transfer-encoding: chunked" in head.lower()
+        assert b"connection: close" in head.lower()
+        assert body.lower() == b"d\r\nretry: 3000\n\n\r\n0\r\n\r\n"
+        sock.settimeout(5)
+        assert sock.recv(100) == b""
+    server.wait_connections(0, 5)

@@ -27,6 +27,11 @@ Extra routes:
 ``GET /writers``
     ``{"direct": N, "server": M}``: open streams whose frames are written
     straight to their socket, and those the server writes.
+``GET /served-by``
+    ``{"greenlet": N, "hub": M, "thread": K}``: what serves the open streams.
+
+With ``TEST_WRAP_BODY=1`` in the environment, the app is behind a WSGI
+middleware that wraps every response body in an iterator of its own.
 """
 
 from __future__ import annotations
@@ -99,6 +104,12 @@ def create_app(config: t.Mapping[str, t.Any] | None = None) -> Flask:
 
         return jsonify(testing.direct_writes(app))
 
+    @app.get("/served-by")
+    def served_by() -> t.Any:
+        from flask_eventstream import testing
+
+        return jsonify(testing.served_by(app))
+
     @app.get("/counters")
     def counters() -> t.Any:
         with _lock:
@@ -158,4 +169,23 @@ def create_app(config: t.Mapping[str, t.Any] | None = None) -> Flask:
                 stream.sleep(0)
         return jsonify(first=first, last=last, seconds=time.perf_counter() - start), 202
 
+    if os.environ.get("TEST_WRAP_BODY") == "1":
+        app.wsgi_app = _WrapBody(app.wsgi_app)  # type: ignore[method-assign]
     return app
+
+
+class _WrapBody:
+    """A WSGI middleware that iterates every response body itself (as
+    error-reporting and compression middlewares do)."""
+
+    def __init__(self, app: t.Any) -> None:
+        self.app = app
+
+    def __call__(self, environ: t.Any, start_response: t.Any) -> t.Any:
+        body = self.app(environ, start_response)
+        try:
+            yield from body
+        finally:
+            close = getattr(body, "close", None)
+            if close is not None:
+                close()
