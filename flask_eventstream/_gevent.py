@@ -226,15 +226,34 @@ class _Deferrer:
 
     ident = staticmethod(_os_thread_ident)
 
-    def __call__(self, func: t.Callable[[], None]) -> bool:
+    def __call__(self, func: t.Callable[[], None], delay: float = 0.0) -> bool:
         batch = _batches.get(_os_thread_ident())
         if batch is None or greenlet.getcurrent().parent is None:
             return False
         loop = batch.loop
         if gevent.get_hub().loop is not loop:
             return False
-        loop.run_callback(func)
+        if delay > 0:
+            _Delayed(loop, delay, func)
+        else:
+            loop.run_callback(func)
         return True
+
+
+class _Delayed:
+    """Runs ``func`` once in the hub after ``delay`` seconds (a libev timer
+    that closes itself)."""
+
+    __slots__ = ("_timer", "_func")
+
+    def __init__(self, loop: t.Any, delay: float, func: t.Callable[[], None]):
+        self._func = func
+        self._timer = loop.timer(delay)
+        self._timer.start(self)
+
+    def __call__(self) -> None:
+        self._timer.close()
+        self._func()
 
 
 deferrer = _Deferrer()

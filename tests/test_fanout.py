@@ -1,16 +1,26 @@
 """The deferred fan-out of a broker: frames published until the publisher
 yields go to each subscriber together, each exactly once, and a subscription
 that joins meanwhile gets none of them from the fan-out (its replay has
-them). Driven by a deferrer whose scheduled fan-outs the test runs by hand."""
+them). Driven by a deferrer whose scheduled fan-outs the test runs by hand,
+and, for the frames a backend's reader brings in, which may wait a little
+for more after a fan-out, by gevent's hub."""
 
 from __future__ import annotations
 
 import threading
+import time
 import typing as t
 
+import gevent
+import pytest
+
+from flask_eventstream import _gevent
 from flask_eventstream.backends.memory import MemoryBackend
 from flask_eventstream.broker import Broker
 from flask_eventstream.broker import Frame
+from flask_eventstream.broker import linger
+from flask_eventstream.broker import LINGER_FACTOR
+from flask_eventstream.broker import LINGER_MAX
 from flask_eventstream.broker import Sink
 from flask_eventstream.broker import Subscription
 from flask_eventstream.sse import Event
@@ -22,12 +32,15 @@ class HandDeferrer:
 
     def __init__(self) -> None:
         self.scheduled: list[t.Callable[[], None]] = []
+        #: The delay asked for each fan-out scheduled.
+        self.delays: list[float] = []
 
     def ident(self) -> int:
         return threading.get_ident()
 
-    def __call__(self, func: t.Callable[[], None]) -> bool:
+    def __call__(self, func: t.Callable[[], None], delay: float = 0.0) -> bool:
         self.scheduled.append(func)
+        self.delays.append(delay)
         return True
 
     def run(self) -> None:
@@ -103,3 +116,81 @@ def test_published_events_reach_a_subscriber_that_joins_before_the_fan_out_once(
         f"id: {first.id}\ndata: a\n\nid: {second.id}\ndata: b\n\n".encode()
     )
     assert taken(late) == f"id: {second.id}\ndata: b\n\n".encode()
+
+
+# -- frames a backend's reader brings in --
+
+
+def test_linger_is_a_multiple_of_the_last_fan_out_up_to_a_limit() -> None:
+    # A 1 ms fan-out that ended at t=10: the next waits until 10 + 8 ms.
+    assert linger(9.999, 10.0, 10.0) == pytest.approx(0.001 * LINGER_FACTOR)
+    assert linger(9.999, 10.0, 10.005) == pytest.approx(0.008 - 0.005)
+    assert linger(9.999, 10.0, 10.0 + 0.001 * LINGER_FACTOR + 1e-9) == 0.0
+    assert linger(9.999, 10.0, 11.0) == 0.0
+    # A 100 ms fan-out: at most LINGER_MAX.
+    assert linger(9.9, 10.0, 10.0) == pytest.approx(LINGER_MAX)
+    # No fan-out yet.
+    assert linger(0.0, 0.0, 5.0) == 0.0
+
+
+def _slow(sub: Subscription, seconds: float) -> None:
+    """Make every fan-out to ``sub`` take at least ``seconds``."""
+
+    def relabel(frame: Frame) -> Frame:
+        time.sleep(seconds)
+        return frame
+
+    sub.relabel = relabel
+
+
+def test_only_frames_from_a_reader_wait_after_a_slow_fan_out() -> None:
+    defer = HandDeferrer()
+    broker = make_broker(defer)
+    sub = start(broker, new_sub(broker, "c"))
+    _slow(sub, 0.002)
+    broker.send("c", Frame(b"data: 1\n\n"))
+    defer.run()
+    assert taken(sub) == b"data: 1\n\n"
+    # Right after a fan-out of 2 ms or more: a reader's frame waits (at
+    # most LINGER_MAX), a publisher's in this process does not.
+    broker.send("c", Frame(b"data: 2\n\n"))
+    defer.run()
+    broker.registry.send("c", Frame(b"data: 3\n\n"))
+    defer.run()
+    first, reader, publisher = defer.delays
+    assert first == 0.0
+    assert 0.0 < reader <= LINGER_MAX
+    assert publisher == 0.0
+    assert taken(sub) == b"data: 2\n\ndata: 3\n\n"
+
+
+def test_frames_from_a_reader_wait_in_the_hub_and_leave_together() -> None:
+    """With gevent's hub: after a slow fan-out, the next frames from a
+    reader are not fanned out at the next turn of the loop but a little
+    later, together."""
+
+    def run() -> tuple[bytes, bytes, bytes, float]:
+        waker = _gevent.make_waker()
+        broker = Broker(
+            lambda sink: MemoryBackend(sink, history=10), defer=_gevent.deferrer
+        )
+        sub = start(broker, Subscription(broker, ("c",), waker, 100))
+        _slow(sub, 0.003)
+        broker.send("c", Frame(b"data: 1\n\n"))
+        gevent.sleep(0)
+        first = taken(sub)
+        sent_at = time.monotonic()
+        broker.send("c", Frame(b"data: 2\n\n"))
+        broker.send("c", Frame(b"data: 3\n\n"))
+        gevent.sleep(0)
+        early = taken(sub)
+        assert waker.wait(1.0)
+        return first, early, taken(sub), time.monotonic() - sent_at
+
+    first, early, later, waited = gevent.spawn(run).get(timeout=5)
+    assert first == b"data: 1\n\n"
+    assert early == b""
+    assert later == b"data: 2\n\ndata: 3\n\n"
+    # The fan-out took 3 ms or more: the frames waited for about 8 times
+    # that, up to LINGER_MAX.
+    assert 0.01 <= waited <= 1.0, waited
