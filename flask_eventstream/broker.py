@@ -483,9 +483,10 @@ LINGER_FACTOR = 8
 LINGER_MAX = 0.02
 
 
-def linger(last_start: float, last_end: float, now: float) -> float:
-    """Seconds that a fan-out due at ``now`` waits, after one that ran from
-    ``last_start`` to ``last_end`` (monotonic seconds).
+def linger(last_start: float, last_end: float, last_frames: int, now: float) -> float:
+    """Seconds that a fan-out due at ``now`` waits, after one of
+    ``last_frames`` frames that ran from ``last_start`` to ``last_end``
+    (monotonic seconds).
 
     In-process publishers batch by themselves: their events wait for the
     publisher to yield, and the publishes of one turn of the loop leave
@@ -495,8 +496,11 @@ def linger(last_start: float, last_end: float, now: float) -> float:
     events per write and takes the CPU the publishes need. Waiting a
     multiple of the last fan-out's duration keeps a channel's fan-outs to
     a fraction of the time, and the events of that wait go out in one
-    write per subscriber. Events that come less often than that are not
-    held at all."""
+    write per subscriber. Only after a fan-out that carried several frames
+    (events come faster than they are fanned out): a channel whose events
+    come one at a time, and one between bursts, waits for nothing."""
+    if last_frames < 2:
+        return 0.0
     wait = min((last_end - last_start) * LINGER_FACTOR, LINGER_MAX)
     return max(last_end + wait - now, 0.0)
 
@@ -518,15 +522,24 @@ class _Fanout:
     :meth:`Subscription.deliver`, frame by frame, in order.
     """
 
-    __slots__ = ("subs", "defer", "_pending", "_thread", "_started", "_ended")
+    __slots__ = (
+        "subs",
+        "defer",
+        "_pending",
+        "_thread",
+        "_started",
+        "_ended",
+        "_frames",
+    )
 
     def __init__(self, defer: Deferrer | None = None) -> None:
         self.subs: dict[Subscription, None] = {}
         self.defer = defer
         self._pending: list[Frame] | None = None
         self._thread = 0
-        #: When the last fan-out with frames started and ended.
+        #: When the last fan-out with frames started and ended, and how many.
         self._started = self._ended = 0.0
+        self._frames = 0
 
     def __call__(self, sender: str, frame: Frame, from_reader: bool = False) -> int:
         defer = self.defer
@@ -540,7 +553,9 @@ class _Fanout:
             else:
                 delay = 0.0
                 if from_reader:
-                    delay = linger(self._started, self._ended, time.monotonic())
+                    delay = linger(
+                        self._started, self._ended, self._frames, time.monotonic()
+                    )
                 if defer(self._flush, delay) if delay else defer(self._flush):
                     self._pending = [frame]
                     self._thread = thread
@@ -572,6 +587,7 @@ class _Fanout:
             frame = Frame(data, frames[-1].key, sum([f.count for f in frames]))
         first = frames[0].key
         now = self._started = time.monotonic()
+        self._frames = len(frames)
         thread = self._thread
         for sub in tuple(self.subs):
             direct = sub.send

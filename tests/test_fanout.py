@@ -122,15 +122,17 @@ def test_published_events_reach_a_subscriber_that_joins_before_the_fan_out_once(
 
 
 def test_linger_is_a_multiple_of_the_last_fan_out_up_to_a_limit() -> None:
-    # A 1 ms fan-out that ended at t=10: the next waits until 10 + 8 ms.
-    assert linger(9.999, 10.0, 10.0) == pytest.approx(0.001 * LINGER_FACTOR)
-    assert linger(9.999, 10.0, 10.005) == pytest.approx(0.008 - 0.005)
-    assert linger(9.999, 10.0, 10.0 + 0.001 * LINGER_FACTOR + 1e-9) == 0.0
-    assert linger(9.999, 10.0, 11.0) == 0.0
+    # A 1 ms fan-out of 3 frames that ended at t=10: the next waits until
+    # 10 + 8 ms.
+    assert linger(9.999, 10.0, 3, 10.0) == pytest.approx(0.001 * LINGER_FACTOR)
+    assert linger(9.999, 10.0, 3, 10.005) == pytest.approx(0.008 - 0.005)
+    assert linger(9.999, 10.0, 3, 10.0 + 0.001 * LINGER_FACTOR + 1e-9) == 0.0
+    assert linger(9.999, 10.0, 3, 11.0) == 0.0
     # A 100 ms fan-out: at most LINGER_MAX.
-    assert linger(9.9, 10.0, 10.0) == pytest.approx(LINGER_MAX)
-    # No fan-out yet.
-    assert linger(0.0, 0.0, 5.0) == 0.0
+    assert linger(9.9, 10.0, 2, 10.0) == pytest.approx(LINGER_MAX)
+    # After a fan-out of one frame, or none yet: no wait.
+    assert linger(9.9, 10.0, 1, 10.0) == 0.0
+    assert linger(0.0, 0.0, 0, 5.0) == 0.0
 
 
 def _slow(sub: Subscription, seconds: float) -> None:
@@ -149,8 +151,9 @@ def test_only_frames_from_a_reader_wait_after_a_slow_fan_out() -> None:
     sub = start(broker, new_sub(broker, "c"))
     _slow(sub, 0.002)
     broker.send("c", Frame(b"data: 1\n\n"))
+    broker.send("c", Frame(b"data: 1b\n\n"))
     defer.run()
-    assert taken(sub) == b"data: 1\n\n"
+    assert taken(sub) == b"data: 1\n\ndata: 1b\n\n"
     # Right after a fan-out of 2 ms or more: a reader's frame waits (at
     # most LINGER_MAX), a publisher's in this process does not.
     broker.send("c", Frame(b"data: 2\n\n"))
@@ -165,9 +168,10 @@ def test_only_frames_from_a_reader_wait_after_a_slow_fan_out() -> None:
 
 
 def test_frames_from_a_reader_wait_in_the_hub_and_leave_together() -> None:
-    """With gevent's hub: after a slow fan-out, the next frames from a
-    reader are not fanned out at the next turn of the loop but a little
-    later, together."""
+    """With gevent's hub: after a slow fan-out of several frames, the next
+    frames from a reader are not fanned out at the next turn of the loop
+    but a little later, together; after one of a single frame they go at
+    the next turn (next test)."""
 
     def run() -> tuple[bytes, bytes, bytes, float]:
         waker = _gevent.make_waker()
@@ -177,6 +181,7 @@ def test_frames_from_a_reader_wait_in_the_hub_and_leave_together() -> None:
         sub = start(broker, Subscription(broker, ("c",), waker, 100))
         _slow(sub, 0.003)
         broker.send("c", Frame(b"data: 1\n\n"))
+        broker.send("c", Frame(b"data: 1b\n\n"))
         gevent.sleep(0)
         first = taken(sub)
         sent_at = time.monotonic()
@@ -188,9 +193,27 @@ def test_frames_from_a_reader_wait_in_the_hub_and_leave_together() -> None:
         return first, early, taken(sub), time.monotonic() - sent_at
 
     first, early, later, waited = gevent.spawn(run).get(timeout=5)
-    assert first == b"data: 1\n\n"
+    assert first == b"data: 1\n\ndata: 1b\n\n"
     assert early == b""
     assert later == b"data: 2\n\ndata: 3\n\n"
     # The fan-out took 3 ms or more: the frames waited for about 8 times
     # that, up to LINGER_MAX.
     assert 0.01 <= waited <= 1.0, waited
+
+
+def test_frames_from_a_reader_after_a_single_frame_fan_out_do_not_wait() -> None:
+    def run() -> tuple[bytes, bytes]:
+        waker = _gevent.make_waker()
+        broker = Broker(
+            lambda sink: MemoryBackend(sink, history=10), defer=_gevent.deferrer
+        )
+        sub = start(broker, Subscription(broker, ("c",), waker, 100))
+        _slow(sub, 0.003)
+        broker.send("c", Frame(b"data: 1\n\n"))
+        gevent.sleep(0)
+        first = taken(sub)
+        broker.send("c", Frame(b"data: 2\n\n"))
+        gevent.sleep(0)
+        return first, taken(sub)
+
+    assert gevent.spawn(run).get(timeout=5) == (b"data: 1\n\n", b"data: 2\n\n")
