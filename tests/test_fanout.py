@@ -14,7 +14,7 @@ import typing as t
 import gevent
 import pytest
 
-from flask_eventstream import _gevent
+from flask_eventstream import testing
 from flask_eventstream.backends.memory import MemoryBackend
 from flask_eventstream.broker import Broker
 from flask_eventstream.broker import Frame
@@ -24,6 +24,7 @@ from flask_eventstream.broker import LINGER_MAX
 from flask_eventstream.broker import Sink
 from flask_eventstream.broker import Subscription
 from flask_eventstream.sse import Event
+from tests.support.servers import make_app
 
 
 class HandDeferrer:
@@ -167,34 +168,44 @@ def test_only_frames_from_a_reader_wait_after_a_slow_fan_out() -> None:
     assert taken(sub) == b"data: 2\n\ndata: 3\n\n"
 
 
+def _open(app: t.Any, channel: str) -> tuple[t.Any, t.Iterator[bytes], Subscription]:
+    """A stream of ``app`` (in this greenlet), its chunks after ``retry``,
+    and its subscription."""
+    response = app.test_client().get(f"/s?c={channel}", buffered=False)
+    chunks = iter(response.response)
+    assert next(chunks) == b"retry: 3000\n\n"
+    conn = testing.connection(response)
+    assert conn is not None
+    [sub] = conn.subscriptions
+    return response, chunks, sub
+
+
 def test_frames_from_a_reader_wait_in_the_hub_and_leave_together() -> None:
     """With gevent's hub: after a slow fan-out of several frames, the next
     frames from a reader are not fanned out at the next turn of the loop
-    but a little later, together; after one of a single frame they go at
-    the next turn (next test)."""
+    but a little later, together."""
+    app, _ = make_app()
 
-    def run() -> tuple[bytes, bytes, bytes, float]:
-        waker = _gevent.make_waker()
-        broker = Broker(
-            lambda sink: MemoryBackend(sink, history=10), defer=_gevent.deferrer
-        )
-        sub = start(broker, Subscription(broker, ("c",), waker, 100))
+    def run() -> tuple[bytes, tuple[Frame, ...], bytes, float]:
+        response, chunks, sub = _open(app, "c")
         _slow(sub, 0.003)
-        broker.send("c", Frame(b"data: 1\n\n"))
-        broker.send("c", Frame(b"data: 1b\n\n"))
-        gevent.sleep(0)
-        first = taken(sub)
+        reader = testing.broker(app)
+        reader.send("c", Frame(b"data: 1\n\n"))
+        reader.send("c", Frame(b"data: 1b\n\n"))
+        first = next(chunks)
         sent_at = time.monotonic()
-        broker.send("c", Frame(b"data: 2\n\n"))
-        broker.send("c", Frame(b"data: 3\n\n"))
+        reader.send("c", Frame(b"data: 2\n\n"))
+        reader.send("c", Frame(b"data: 3\n\n"))
         gevent.sleep(0)
-        early = taken(sub)
-        assert waker.wait(1.0)
-        return first, early, taken(sub), time.monotonic() - sent_at
+        early = sub.queued
+        later = next(chunks)
+        waited = time.monotonic() - sent_at
+        response.close()
+        return first, early, later, waited
 
     first, early, later, waited = gevent.spawn(run).get(timeout=5)
     assert first == b"data: 1\n\ndata: 1b\n\n"
-    assert early == b""
+    assert early == ()
     assert later == b"data: 2\n\ndata: 3\n\n"
     # The fan-out took 3 ms or more: the frames waited for about 8 times
     # that, up to LINGER_MAX.
@@ -202,18 +213,18 @@ def test_frames_from_a_reader_wait_in_the_hub_and_leave_together() -> None:
 
 
 def test_frames_from_a_reader_after_a_single_frame_fan_out_do_not_wait() -> None:
-    def run() -> tuple[bytes, bytes]:
-        waker = _gevent.make_waker()
-        broker = Broker(
-            lambda sink: MemoryBackend(sink, history=10), defer=_gevent.deferrer
-        )
-        sub = start(broker, Subscription(broker, ("c",), waker, 100))
-        _slow(sub, 0.003)
-        broker.send("c", Frame(b"data: 1\n\n"))
-        gevent.sleep(0)
-        first = taken(sub)
-        broker.send("c", Frame(b"data: 2\n\n"))
-        gevent.sleep(0)
-        return first, taken(sub)
+    app, _ = make_app()
 
-    assert gevent.spawn(run).get(timeout=5) == (b"data: 1\n\n", b"data: 2\n\n")
+    def run() -> tuple[bytes, tuple[bytes, ...]]:
+        response, chunks, sub = _open(app, "c")
+        _slow(sub, 0.003)
+        reader = testing.broker(app)
+        reader.send("c", Frame(b"data: 1\n\n"))
+        first = next(chunks)
+        reader.send("c", Frame(b"data: 2\n\n"))
+        gevent.sleep(0)
+        queued = tuple(f.data for f in sub.queued)
+        response.close()
+        return first, queued
+
+    assert gevent.spawn(run).get(timeout=5) == (b"data: 1\n\n", (b"data: 2\n\n",))
