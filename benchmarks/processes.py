@@ -117,7 +117,29 @@ _S = t.TypeVar("_S", bound="ServerProcess")
 _R = t.TypeVar("_R", bound="RedisProcess")
 
 
-class ServerProcess:
+class JsonRoutes:
+    """HTTP helpers for the routes that the example app, the benchmark app
+    and the test apps share, over a subclass's :meth:`request`."""
+
+    def request(self, method: str, path: str, body: t.Any = None) -> tuple[int, bytes]:
+        raise NotImplementedError
+
+    def get_json(self, path: str) -> t.Any:
+        status, raw = self.request("GET", path)
+        assert status == 200, (status, raw)
+        return json.loads(raw)
+
+    def publish(self, channel: str, data: t.Any, event: str | None = None) -> str:
+        """``POST /publish/<channel>``; return the id the server assigned."""
+        body: dict[str, t.Any] = {"data": data}
+        if event is not None:
+            body["event"] = event
+        status, raw = self.request("POST", f"/publish/{channel}", body)
+        assert status == 202, (status, raw)
+        return str(json.loads(raw)["id"])
+
+
+class ServerProcess(JsonRoutes):
     """An application server in a subprocess on ``HOST:port``, its output
     kept in a temporary file, with HTTP helpers for the routes that the
     example app, the benchmark app and the test apps share (``/healthz``,
@@ -241,20 +263,6 @@ class ServerProcess:
             return response.status, response.read()
         finally:
             conn.close()
-
-    def publish(self, channel: str, data: t.Any, event: str | None = None) -> str:
-        """``POST /publish/<channel>``; return the id the server assigned."""
-        body: dict[str, t.Any] = {"data": data}
-        if event is not None:
-            body["event"] = event
-        status, raw = self.request("POST", f"/publish/{channel}", body)
-        assert status == 202, (status, raw)
-        return str(json.loads(raw)["id"])
-
-    def get_json(self, path: str) -> t.Any:
-        status, raw = self.request("GET", path)
-        assert status == 200, (status, raw)
-        return json.loads(raw)
 
     def connections(self) -> int:
         return int(self.get_json("/healthz")["connections"])

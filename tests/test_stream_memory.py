@@ -96,6 +96,19 @@ def _read_until(sock: socket.socket, end: bytes, timeout: float) -> bytes:
     return data
 
 
+def _stream_to_its_end(sock: socket.socket) -> bytes:
+    """Request ``/stream/ka`` on ``sock`` and read its response, which ends
+    at the stream's lifetime with ``retry`` alone; the response head."""
+    sock.sendall(b"GET /stream/ka HTTP/1.1\r\nHost: test\r\n\r\n")
+    stream = _read_until(sock, b"\r\n0\r\n\r\n", 10)
+    head, body = stream.split(b"\r\n\r\n", 1)
+    assert head.startswith(b"HTTP/1.1 200"), head
+    assert b"transfer-encoding: chunked" in head.lower()
+    # Chunk sizes in hex, in either case.
+    assert body.lower() == b"d\r\nretry: 3000\n\n\r\n0\r\n\r\n"
+    return head
+
+
 #: (server, EVENTSTREAM_PARK_STREAMS): gunicorn's gevent worker hands streams
 #: to the hub unless that is turned off.
 _KEEP_ALIVE = [(kind, True) for kind in GEVENT_KINDS if kind != "gunicorn"] + [
@@ -117,16 +130,10 @@ def test_a_connection_serves_its_next_request_after_a_stream_ended(
         },
     )
     with socket.create_connection((HOST, server.port), timeout=10) as sock:
-        sock.sendall(b"GET /stream/ka HTTP/1.1\r\nHost: test\r\n\r\n")
         # The stream ends at its lifetime: the last chunk, and the
         # connection stays open.
-        stream = _read_until(sock, b"\r\n0\r\n\r\n", 10)
-        head, body = stream.split(b"\r\n\r\n", 1)
-        assert head.startswith(b"HTTP/1.1 200"), head
-        assert b"transfer-encoding: chunked" in head.lower()
+        head = _stream_to_its_end(sock)
         assert b"connection: close" not in head.lower()
-        # Chunk sizes in hex, in either case.
-        assert body.lower() == b"d\r\nretry: 3000\n\n\r\n0\r\n\r\n"
         sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: test\r\n\r\n")
         reply = _read_until(sock, b"}", 10)
     assert reply.startswith(b"HTTP/1.1 200"), reply
@@ -147,13 +154,8 @@ def test_a_stream_served_from_the_hub_ends_its_connection(
         env={"EVENTSTREAM_MAX_LIFETIME": "0.5", "EVENTSTREAM_HEARTBEAT": "60"},
     )
     with socket.create_connection((HOST, server.port), timeout=10) as sock:
-        sock.sendall(b"GET /stream/ka HTTP/1.1\r\nHost: test\r\n\r\n")
-        stream = _read_until(sock, b"\r\n0\r\n\r\n", 10)
-        head, body = stream.split(b"\r\n\r\n", 1)
-        assert head.startswith(b"HTTP/1.1 200"), head
-        assert b"transfer-encoding: chunked" in head.lower()
+        head = _stream_to_its_end(sock)
         assert b"connection: close" in head.lower()
-        assert body.lower() == b"d\r\nretry: 3000\n\n\r\n0\r\n\r\n"
         sock.settimeout(5)
         assert sock.recv(100) == b""
     server.wait_connections(0, 5)

@@ -15,14 +15,15 @@ import json
 import time
 import typing as t
 
+from benchmarks.processes import JsonRoutes
 from tests.support.servers import HOST
 from tests.support.servers import Server
 
 __all__ = ["WorkerConnection", "worker_connections"]
 
 
-class WorkerConnection:
-    """A kept-alive HTTP connection to one worker."""
+class WorkerConnection(JsonRoutes):
+    """A kept-alive HTTP connection to one worker (publishes go through it)."""
 
     def __init__(self, port: int) -> None:
         self.conn = http.client.HTTPConnection(HOST, port, timeout=10.0)
@@ -40,20 +41,6 @@ class WorkerConnection:
         if response.getheader("Connection", "").lower() == "close":
             raise ConnectionError(f"worker {self.pid} closed the connection")
         return response.status, raw
-
-    def get_json(self, path: str) -> t.Any:
-        status, raw = self.request("GET", path)
-        assert status == 200, (status, raw)
-        return json.loads(raw)
-
-    def publish(self, channel: str, data: t.Any, event: str | None = None) -> str:
-        """POST /publish/<channel> through this worker; the assigned id."""
-        body: dict[str, t.Any] = {"data": data}
-        if event is not None:
-            body["event"] = event
-        status, raw = self.request("POST", f"/publish/{channel}", body)
-        assert status == 202, (status, raw)
-        return str(json.loads(raw)["id"])
 
     def close(self) -> None:
         self.conn.close()
