@@ -497,6 +497,15 @@ def direct_writer(
     return writer
 
 
+def _chunk(data: bytes) -> bytes:
+    """``data`` as one HTTP/1.1 chunk."""
+    return b"%X\r\n%b\r\n" % (len(data), data)
+
+
+#: The end of a chunked body.
+_LAST_CHUNK = b"0\r\n\r\n"
+
+
 class _Writer:
     """Writes frames of one response as whole HTTP/1.1 chunks, once the
     server has sent the headers and the first chunk.
@@ -569,7 +578,7 @@ class _Writer:
         wire = frame.wire
         if wire is None:
             data = frame.data
-            wire = frame.wire = b"%X\r\n%b\r\n" % (len(data), data)
+            wire = frame.wire = _chunk(data)
         try:
             sent = self._raw.send(wire)
         except OSError:
@@ -602,7 +611,7 @@ class _Writer:
         :attr:`pending` (:meth:`resume` writes it, and tells a client that
         is gone). Whether all of it went."""
         data = frame.data
-        wire = b"%X\r\n%b\r\n" % (len(data), data)
+        wire = _chunk(data)
         self.timing.last_write = now
         self._body += len(data)
         try:
@@ -866,7 +875,7 @@ def _end_parked() -> None:
         raw = parked.raw
         try:
             if parked.writer.pending is None:
-                raw.send(b"0\r\n\r\n")
+                raw.send(_LAST_CHUNK)
             raw.close()
         except OSError:
             pass
@@ -967,7 +976,7 @@ class Parked:
         raw = self.raw
         if clean and self.writer.pending is None:
             try:
-                raw.send(b"0\r\n\r\n")
+                raw.send(_LAST_CHUNK)
             except OSError:
                 pass
         raw.close()
