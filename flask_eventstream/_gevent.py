@@ -242,7 +242,7 @@ class _Deferrer:
 
 class _Delayed:
     """Runs ``func`` once in the hub after ``delay`` seconds (a libev timer
-    that closes itself)."""
+    that closes itself once it fired or was cancelled)."""
 
     __slots__ = ("_timer", "_func")
 
@@ -254,6 +254,10 @@ class _Delayed:
     def __call__(self) -> None:
         self._timer.close()
         self._func()
+
+    def cancel(self) -> None:
+        self._timer.stop()
+        self._timer.close()
 
 
 deferrer = _Deferrer()
@@ -313,14 +317,7 @@ class _Cancel(t.Protocol):
 def call_later(seconds: float, func: t.Callable[[], None]) -> _Cancel:
     """Run ``func`` in the hub after ``seconds``; return a cancel function.
     ``func`` must not block."""
-    timer = gevent.get_hub().loop.timer(seconds)
-    timer.start(func)
-
-    def cancel() -> None:
-        timer.stop()
-        timer.close()
-
-    return cancel
+    return _Delayed(gevent.get_hub().loop, seconds, func).cancel
 
 
 #: Non-standard environ keys under which servers expose the client socket.
@@ -605,27 +602,19 @@ class _Writer:
             self._count(self._body, self._wire)
             self._body = self._wire = 0
 
-    def write(self, frame: Frame, now: float) -> bool:
+    def write(self, frame: Frame, now: float) -> None:
         """Write ``frame`` without blocking, for a stream served from the hub
-        (:class:`Parked`): what the socket does not take now is kept in
-        :attr:`pending` (:meth:`resume` writes it, and tells a client that
-        is gone). Whether all of it went."""
-        data = frame.data
-        wire = _chunk(data)
-        self.timing.last_write = now
-        self._body += len(data)
-        try:
-            sent = self._raw.send(wire)
-        except OSError:
-            sent = 0  # full, or broken: resume() says which
-        self._wire += sent
-        if sent < len(wire):
-            self.pending = wire[sent:]
+        (:class:`Parked`), with nothing pending: what the socket does not
+        take now is kept in :attr:`pending` (:meth:`resume` writes it, and
+        tells a client that is gone)."""
+        if not self.send(frame, now, self._thread):
+            # Full, or broken: all of it waits, and resume() says which.
+            self.pending = frame.wire
             self._pending_count = frame.count
-            return False
-        if self._metrics is not None:
-            self._metrics.pending += frame.count
-        return True
+            self._body += len(frame.data)
+        # The framed copy was for this write: a frame kept in history does
+        # not keep it.
+        frame.wire = None
 
     def resume(self) -> bool:
         """Write what is pending without blocking; whether all of it went.
@@ -872,13 +861,7 @@ def _end_parked() -> None:
     left to wait for and exits with them open)."""
     for parked in list(_parked):
         parked.dead = True
-        raw = parked.raw
-        try:
-            if parked.writer.pending is None:
-                raw.send(_LAST_CHUNK)
-            raw.close()
-        except OSError:
-            pass
+        parked.end_response(clean=True)
     _parked.clear()
 
 
@@ -973,14 +956,18 @@ class Parked:
             self._writable.stop()
             self._writable.close()
             self._writable = None
-        raw = self.raw
+        self.end_response(clean)
+        gevent.spawn(self._release)
+
+    def end_response(self, clean: bool) -> None:
+        """Write the last chunk (when ``clean`` and nothing is left
+        half-written) and close the socket."""
         if clean and self.writer.pending is None:
             try:
-                raw.send(_LAST_CHUNK)
+                self.raw.send(_LAST_CHUNK)
             except OSError:
                 pass
-        raw.close()
-        gevent.spawn(self._release)
+        self.raw.close()
 
     def _release(self) -> None:
         stream, self.stream = self.stream, None

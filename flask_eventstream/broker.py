@@ -556,7 +556,7 @@ class _Fanout:
                     delay = linger(
                         self._started, self._ended, self._frames, time.monotonic()
                     )
-                if defer(self._flush, delay) if delay else defer(self._flush):
+                if defer(self._flush, delay):
                     self._pending = [frame]
                     self._thread = thread
                     return len(self.subs)
