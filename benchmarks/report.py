@@ -213,8 +213,10 @@ def targets(results: list[dict[str, t.Any]], n: dict[str, int]) -> list[Row]:
     note = "x"
     if ub is not None:
         note = (
-            f"x: {fmt(_get(ub, 'library', 'us_per_delivery'))} us per delivery,"
-            f" {fmt(_get(ub, 'send', 'us_per_send'))} us per bare send()"
+            "x, median of the rounds' ratios (each round followed by a bare"
+            f" send()): {fmt(_get(ub, 'library', 'us_per_delivery'))} us per"
+            f" delivery, {fmt(_get(ub, 'send', 'us_per_send'))} us per bare"
+            " send() (medians)"
         )
     rows.append(
         (

@@ -18,6 +18,7 @@ import dataclasses
 import datetime
 import json
 import os
+import re
 import resource
 import shlex
 import statistics
@@ -475,23 +476,43 @@ class Suite:
             "rounds": cfg.rounds,
         }
         sample = b""
+        # The bare send() runs right after each of the library's rounds, on
+        # the same CPU, with the library's streams idle: the two figures of
+        # a pair see the same machine, which drifts more between minutes
+        # than the margin of the target.
+        paced: list[dict[str, t.Any]] = []
+
+        async def bare_send(chunk: bytes) -> None:
+            paced.append(await sendcost.measure(chunk, sockets=n, sends=cfg.send_count))
+
         for kind in KINDS:
             srv = self.start(kind)
             try:
-                rec[kind] = await self._unbatched(srv, n)
-                if kind == "library":
+                library = kind == "library"
+                rec[kind] = await self._unbatched(
+                    srv,
+                    n,
+                    profile_as="unbatched" if library and cfg.profile else None,
+                    after_round=bare_send if library else None,
+                )
+                if library:
                     sample = rec[kind].pop("sample")
                 else:
                     rec[kind].pop("sample")
             finally:
                 srv.stop()
-        rec["send"] = await self._sendcost(sample, n)
+        rec["send"] = await self._sendcost(sample, n, paced)
         lib, base, send = rec["library"], rec["baseline"], rec["send"]
         rec["ratio"] = {
             k: ratio(lib[k], base[k]) for k in ("us_per_delivery", "deliveries_per_s")
         }
-        rec["ratio"]["delivery_vs_send"] = ratio(
-            lib["us_per_delivery"], send["us_per_send"]
+        pairs = [
+            ratio(r["us_per_delivery"], s["us_per_send"])
+            for r, s in zip(lib["rounds"], send["rounds"], strict=False)
+        ]
+        rec["ratio"]["delivery_vs_send_rounds"] = pairs
+        rec["ratio"]["delivery_vs_send"] = (
+            round(statistics.median(pairs), 3) if None not in pairs else None
         )
         rec["ratio"]["delivery_vs_send_tight"] = ratio(
             lib["us_per_delivery"], send["us_per_send_tight"]
@@ -528,7 +549,19 @@ class Suite:
                 None,
             ),
             (
-                "server CPU per delivery / bare send()",
+                "bare send() per round, after each of the library's (us CPU)",
+                ", ".join(f"{r['us_per_send']:g}" for r in send["rounds"]),
+                None,
+                None,
+            ),
+            (
+                "server CPU per delivery / bare send(), per round",
+                ", ".join(f"{x:g}" for x in pairs if x is not None),
+                None,
+                None,
+            ),
+            (
+                "server CPU per delivery / bare send(), median of the rounds",
                 rec["ratio"]["delivery_vs_send"],
                 ratio(base["us_per_delivery"], send["us_per_send"]),
                 None,
@@ -554,8 +587,15 @@ class Suite:
         self.emit(rec, title, rows)
 
     async def _unbatched(
-        self, srv: servers.Server, n: int, path: str = "unb"
+        self,
+        srv: servers.Server,
+        n: int,
+        path: str = "unb",
+        profile_as: str | None = None,
+        after_round: t.Callable[[bytes], t.Awaitable[None]] | None = None,
     ) -> dict[str, t.Any]:
+        """The unbatched regime on ``srv``; ``after_round`` is awaited after
+        each round with the chunk a delivery wrote, its streams open."""
         cfg = self.cfg
         await self.warmup(srv)
         col = lc.Collector()
@@ -624,7 +664,17 @@ class Suite:
                         "server_cpu_s": round(c1 - c0, 3),
                     }
                 )
+                if after_round is not None:
+                    await after_round(sampler.last_chunk)
                 await asyncio.sleep(0.3)
+            if profile_as is not None:
+                # An extra round, not counted: py-spy perturbs what it samples.
+                task = asyncio.ensure_future(self._profile(srv, profile_as))
+                while not task.done():
+                    target = col.events + served
+                    await pub.post(f"/publish/{path}", lc.event_body(0, 0, time.time()))
+                    await col.wait_events(target, cfg.drain)
+                await task
             result = _median_of(runs, worst={"completeness": min})
             result["sample"] = sampler.last_chunk
             return result
@@ -635,18 +685,22 @@ class Suite:
                 p.close()
             await asyncio.sleep(0.2)
 
-    async def _sendcost(self, sample: bytes, n: int) -> dict[str, t.Any]:
+    async def _sendcost(
+        self, sample: bytes, n: int, paced: list[dict[str, t.Any]]
+    ) -> dict[str, t.Any]:
         """The bare send() micro-benchmark on ``n`` sockets: paced like the
         unbatched fan-out (one send to each socket, then wait until the
-        client has the burst: the reference), and in a tight loop (where the
-        kernel moves loopback's receiving side to ksoftirqd, charged to no
-        process); a median of rounds each."""
+        client has the burst: the reference, ``paced``, measured between
+        the library's rounds, or now if there are none), and in a tight loop
+        (where the kernel moves loopback's receiving side to ksoftirqd,
+        charged to no process); a median of rounds each."""
         if not sample:
             sample = sendcost.chunk(b"data: " + b"x" * 150 + b"\n\n")
-        paced = [
-            await sendcost.measure(sample, sockets=n, sends=self.cfg.send_count)
-            for _ in range(self.cfg.rounds)
-        ]
+        if not paced:
+            paced = [
+                await sendcost.measure(sample, sockets=n, sends=self.cfg.send_count)
+                for _ in range(self.cfg.rounds)
+            ]
         tight = [
             await sendcost.measure(
                 sample, sockets=n, sends=3 * self.cfg.send_count, paced=False
@@ -699,6 +753,8 @@ class Suite:
             ("slowest / fastest 2 s slice (deliveries/s)", "slices", False),
             ("completeness after drain", "completeness", False),
             ("streams dropped by server", "lost_streams", False),
+            ("event latency under this load, p50 (ms)", "latency_p50_ms", False),
+            ("event latency under this load, p99 (ms)", "latency_p99_ms", False),
         )
         for r in (lib, base, nodelay):
             slices = r["deliveries_per_s_slices"]
@@ -762,13 +818,21 @@ class Suite:
             timeout=cfg.open_timeout(n),
         )
         pubs = await lc.open_publishers(srv.port, cfg.throughput_publishers)
+        loop = asyncio.get_running_loop()
+        # Two more streams (on either worker) time the events under load.
+        probes = []
+        for _ in range(2):
+            _, probe = await loop.create_connection(
+                lambda: _LatencyProbe(f"/stream/{path}"), "127.0.0.1", srv.port
+            )
+            probes.append(probe)
         try:
             runs = []
             for r in range(cfg.rounds):
                 last = r == cfg.rounds - 1
                 runs.append(
                     await self._throughput_round(
-                        srv, col, pubs, path, profile=last and cfg.profile
+                        srv, col, pubs, path, probes, profile=last and cfg.profile
                     )
                 )
             result = _median_of(runs, worst={"completeness": min, "lost_streams": max})
@@ -783,6 +847,8 @@ class Suite:
             lc.close_all(streams)
             for p in pubs:
                 p.close()
+            for probe in probes:
+                probe.close()
             await asyncio.sleep(0.2)
 
     async def _throughput_round(
@@ -791,6 +857,7 @@ class Suite:
         col: lc.Collector,
         pubs: list[lc.HttpConn],
         path: str,
+        probes: list[_LatencyProbe],
         profile: bool,
     ) -> dict[str, t.Any]:
         cfg = self.cfg
@@ -817,10 +884,16 @@ class Suite:
 
             # The window in slices, to show how steady the rate was.
             samples = [sample()]
+            for probe in probes:
+                probe.latencies = []
+                probe.recording = True
             slices = max(1, round(cfg.throughput_seconds / 2))
             for _ in range(slices):
                 await asyncio.sleep(cfg.throughput_seconds / slices)
                 samples.append(sample())
+            for probe in probes:
+                probe.recording = False
+            latency = lc.latency_summary([x for p in probes for x in p.latencies])
             t0, e0, p0, c0, k0, q0, s0 = samples[0]
             t1, e1, p1, c1, k1, q1, s1 = samples[-1]
             rates = [
@@ -829,7 +902,8 @@ class Suite:
             ]
             prof = None
             if profile and srv.kind in KINDS:
-                prof = await self._profile(srv, "throughput")
+                what = "throughput" if path == "tput" else f"throughput-{path}"
+                prof = await self._profile(srv, what)
             stop.set()
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(task, 30.0)
@@ -852,6 +926,8 @@ class Suite:
                 else None,
                 "lost_streams": col.lost,
                 "publish_errors": stats.errors,
+                "latency_p50_ms": latency["p50_ms"],
+                "latency_p99_ms": latency["p99_ms"],
             }
             if prof is not None:
                 result["profile"] = prof
@@ -1072,17 +1148,14 @@ class Suite:
                 None,
             )
         )
-        rows.append(
-            (
-                "deliveries/s, 4 publishers",
-                cpu["throughput"].get("deliveries_per_s"),
-                cpu["memory"]["throughput"].get("deliveries_per_s"),
-                ratio(
-                    cpu["throughput"].get("deliveries_per_s"),
-                    cpu["memory"]["throughput"].get("deliveries_per_s"),
-                ),
-            )
-        )
+        for label, key in (
+            ("deliveries/s, 4 publishers", "deliveries_per_s"),
+            ("event latency p50, 4 publishers (ms)", "latency_p50_ms"),
+            ("event latency p99, 4 publishers (ms)", "latency_p99_ms"),
+        ):
+            mine = cpu["throughput"].get(key)
+            mem = cpu["memory"]["throughput"].get(key)
+            rows.append((label, mine, mem, ratio(mine, mem)))
         rec["ratio"]["cpu_per_delivery_throughput"] = ratio(
             cpu["throughput"].get("cpu_s_per_100k"),
             cpu["memory"]["throughput"].get("cpu_s_per_100k"),
@@ -1237,6 +1310,41 @@ def _owners(workers: list[int], port: int) -> dict[int, int]:
             if local == port:
                 owner[remote] = pid
     return owner
+
+
+class _LatencyProbe(asyncio.Protocol):
+    """A stream that reads the publish time out of each event it gets, while
+    :attr:`recording`: end-to-end latency (publisher's send to this
+    client's receipt) under load."""
+
+    _SENT = re.compile(rb'"t":([0-9.e+-]+)')
+
+    def __init__(self, path: str) -> None:
+        self.request = lc.stream_request(path)
+        self.transport: asyncio.Transport | None = None
+        self.buf = b""
+        self.recording = False
+        self.latencies: list[float] = []
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = t.cast(asyncio.Transport, transport)
+        lc._rst_on_close(transport)
+        self.transport.write(self.request)
+
+    def data_received(self, data: bytes) -> None:
+        buf = self.buf + data
+        end = buf.rfind(b"\n\n")
+        if end < 0:
+            self.buf = buf[-65536:]
+            return
+        self.buf = buf[end + 2 :]
+        if self.recording:
+            now = time.time()
+            self.latencies += [now - float(m) for m in self._SENT.findall(buf, 0, end)]
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
 
 
 class _Sampler(lc.StreamProto):
