@@ -478,9 +478,9 @@ class Subscription:
 #: A channel's fan-out of events that a backend's reader brought in waits
 #: until this many times as long as the channel's previous fan-out took has
 #: passed since that one ended...
-LINGER_FACTOR = 8
+LINGER_FACTOR = 16
 #: ...or this many seconds, whichever is shorter.
-LINGER_MAX = 0.02
+LINGER_MAX = 0.04
 
 
 def linger(last_start: float, last_end: float, last_frames: int, now: float) -> float:
