@@ -48,6 +48,8 @@ from benchmarks.sseclient import HOST  # noqa: E402
 from benchmarks.sseclient import open_clients  # noqa: E402
 from benchmarks.sseclient import pump  # noqa: E402
 from benchmarks.sseclient import SSEClient  # noqa: E402
+from flask_eventstream.backends.positions import format_position  # noqa: E402
+from flask_eventstream.backends.positions import Position  # noqa: E402
 
 
 class TimedClient(SSEClient):
@@ -225,10 +227,21 @@ class Publisher(threading.Thread):
         self.join(30)
 
 
+def _order(event_id: str) -> tuple[int, int]:
+    """Where an event id of a one-channel stream is in its history."""
+    epoch, offset = event_id.split(".")
+    return int(epoch, 36), int(offset)
+
+
 def _count(
     sessions: list[list[SSEClient]], redis: RedisProcess, accepted: list[str]
 ) -> dict[str, t.Any]:
-    entries = [i.decode() for i, _ in redis.client().xrange("eventstream:lobby")]
+    # Stream entry ids are "<epoch>-<offset>"; events carry them as
+    # "<epoch in base 36>.<offset>".
+    entries = [
+        format_position(Position(*map(int, i.decode().split("-"))))
+        for i, _ in redis.client().xrange("eventstream:{lobby}")
+    ]
     current = [s[-1] for s in sessions]
 
     def received(session: list[SSEClient]) -> list[str]:
@@ -247,7 +260,7 @@ def _count(
         got = received(session)
         lost += len(set(entries) - set(got))
         duplicated += len(got) - len(set(got))
-        out_of_order += got != sorted(got, key=lambda i: tuple(map(int, i.split("-"))))
+        out_of_order += got != sorted(got, key=_order)
     return {
         "streams": len(sessions),
         "events_accepted_202": len(accepted),
