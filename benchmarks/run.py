@@ -1317,7 +1317,7 @@ class _LatencyProbe(asyncio.Protocol):
     :attr:`recording`: end-to-end latency (publisher's send to this
     client's receipt) under load."""
 
-    _SENT = re.compile(rb'"t":([0-9.e+-]+)')
+    _SENT = re.compile(rb'"t": ?([0-9.e+-]+)')
 
     def __init__(self, path: str) -> None:
         self.request = lc.stream_request(path)
