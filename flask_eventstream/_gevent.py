@@ -700,6 +700,10 @@ class _Pumped(t.Protocol):
 
     def on_eof(self) -> None: ...
 
+    def end(self, reason: str) -> None:
+        """Ask the stream to end, for ``reason``."""
+        ...
+
     def release(self) -> None: ...
 
 
@@ -852,17 +856,29 @@ class Handoff:
 #: Every stream served from the hub: nothing else holds one while it waits.
 _parked: set[Parked] = set()
 _end_at_exit = False
+#: Seconds the exit waits for the streams it ended to be released.
+EXIT_RELEASE_TIMEOUT = 5.0
 
 
 def _end_parked() -> None:
-    """At exit: end the responses of the streams still served from the hub
-    with their last chunk, as the server ends its own (a gunicorn worker
-    that stops without SIGTERM, at ``--max-requests``, has no greenlet
-    left to wait for and exits with them open)."""
+    """At exit: end the streams still served from the hub, as a shutdown,
+    with their last chunk, and wait (a bounded time) for their release:
+    ``client_disconnected`` and the rest of it. A gunicorn worker that stops
+    without SIGTERM, at ``--max-requests``, has no greenlet left to wait for
+    and would exit with them open."""
+    releases = []
     for parked in list(_parked):
-        parked.dead = True
-        parked.end_response(clean=True)
+        if parked.stream is not None:
+            parked.stream.end("shutdown")
+        releases.append(parked.finish(clean=True))
     _parked.clear()
+    done = gevent.joinall([g for g in releases if g is not None], EXIT_RELEASE_TIMEOUT)
+    if len(done) < len(releases):
+        log.warning(
+            "%d event stream(s) were not released within %g s of exit.",
+            len(releases) - len(done),
+            EXIT_RELEASE_TIMEOUT,
+        )
 
 
 class Parked:
@@ -942,13 +958,13 @@ class Parked:
         if self.stream is not None:
             self.stream.waker.set()
 
-    def finish(self, clean: bool) -> None:
+    def finish(self, clean: bool) -> gevent.Greenlet | None:
         """End the response (with its last chunk when ``clean`` and nothing
         is left half-written), close the socket, and release the stream in a
         greenlet of its own (its ``client_disconnected`` receivers may
-        block)."""
+        block), which is returned; ``None`` if it was finished already."""
         if self.dead:
-            return
+            return None
         self.dead = True
         _parked.discard(self)
         self._eof.stop()
@@ -957,7 +973,7 @@ class Parked:
             self._writable.close()
             self._writable = None
         self.end_response(clean)
-        gevent.spawn(self._release)
+        return gevent.spawn(self._release)
 
     def end_response(self, clean: bool) -> None:
         """Write the last chunk (when ``clean`` and nothing is left

@@ -6,7 +6,9 @@ the same events either way."""
 
 from __future__ import annotations
 
+import time
 import typing as t
+from pathlib import Path
 
 import pytest
 
@@ -103,14 +105,16 @@ def test_a_stream_served_from_the_hub_gets_heartbeats_and_ends_at_its_lifetime(
 
 
 def test_a_worker_that_stops_by_itself_ends_its_hub_streams_cleanly(
-    start_server: StartServer,
+    start_server: StartServer, tmp_path: Path
 ) -> None:
     """At ``--max-requests`` gunicorn's worker stops without SIGTERM once
     its greenlets are done, which streams served from the hub no longer
-    hold: their responses still end with the last chunk."""
+    hold: their responses still end with the last chunk, and they are
+    released as a shutdown (``client_disconnected``)."""
+    ended = tmp_path / "disconnected"
     server = start_server(
         "gunicorn",
-        env={"EVENTSTREAM_HEARTBEAT": "60"},
+        env={"EVENTSTREAM_HEARTBEAT": "60", "TEST_DISCONNECT_LOG": str(ended)},
         args=["--max-requests", "4"],
     )
     with SSEClient(server.port, "/stream/recycled") as client:
@@ -122,3 +126,14 @@ def test_a_worker_that_stops_by_itself_ends_its_hub_streams_cleanly(
         server.get_json("/healthz")
         assert client.read_to_end(10) == []
         assert client.ended, (client.eof, client.error)
+    # Released after the last chunk went out, by the exiting worker.
+    assert _lines_of(ended, 10) == ["shutdown recycled"]
+
+
+def _lines_of(path: Path, timeout: float) -> list[str]:
+    """The lines of ``path`` once it has any (another process writes it)."""
+    deadline = time.monotonic() + timeout
+    while not (path.exists() and path.read_text().endswith("\n")):
+        assert time.monotonic() < deadline, f"nothing in {path} after {timeout} s"
+        time.sleep(0.05)
+    return path.read_text().splitlines()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import signal
 import time
 import typing as t
+from pathlib import Path
 
 import pytest
 
@@ -42,13 +43,18 @@ def open_mixed_streams(server: Server) -> list[SSEClient]:
 
 @pytest.mark.parametrize("kind", ["gunicorn", "pywsgi", "example"])
 def test_sigterm_ends_every_stream_and_the_server_exits(
-    start_server: StartServer, kind: str
+    start_server: StartServer, kind: str, tmp_path: Path
 ):
     app = "example_app" if kind == "example" else "tests.apps.streams:create_app"
+    ended = tmp_path / "disconnected"
     server = start_server(
         kind,
         app=app,
-        env={"EVENTSTREAM_HEARTBEAT": "60", "EXAMPLE_CLOCK_INTERVAL": "60"},
+        env={
+            "EVENTSTREAM_HEARTBEAT": "60",
+            "EXAMPLE_CLOCK_INTERVAL": "60",
+            "TEST_DISCONNECT_LOG": str(ended),
+        },
     )
     if kind == "example":
         clients = open_clients(server.port, "/stream/lobby", 18)
@@ -87,3 +93,8 @@ def test_sigterm_ends_every_stream_and_the_server_exits(
         assert [(e.data, e.id) for e in client.events] == [("before shutdown", sent)]
     if kind == "gunicorn":
         assert "Worker graceful timeout" not in server.stderr()
+    if kind != "example":
+        # Every stream was released before the process exited, as a shutdown
+        # (the sleepers and clocks follow no channel).
+        lines = sorted(ended.read_text().splitlines())
+        assert lines == ["shutdown "] * 5 + ["shutdown lobby"] * 15

@@ -31,7 +31,9 @@ Extra routes:
     ``{"greenlet": N, "hub": M, "thread": K}``: what serves the open streams.
 
 With ``TEST_WRAP_BODY=1`` in the environment, the app is behind a WSGI
-middleware that wraps every response body in an iterator of its own.
+middleware that wraps every response body in an iterator of its own. With
+``TEST_DISCONNECT_LOG=<path>``, every ended stream appends a line
+``<reason> <channels>`` to that file (from ``client_disconnected``).
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ from example_app import create_app as create_example_app
 from example_app import stream
 from flask_eventstream import Event
 from flask_eventstream import eventstream
+from flask_eventstream.signals import client_disconnected
 
 __all__ = ["create_app"]
 
@@ -171,7 +174,23 @@ def create_app(config: t.Mapping[str, t.Any] | None = None) -> Flask:
 
     if os.environ.get("TEST_WRAP_BODY") == "1":
         app.wsgi_app = _WrapBody(app.wsgi_app)  # type: ignore[method-assign]
+    disconnect_log = os.environ.get("TEST_DISCONNECT_LOG")
+    if disconnect_log:
+        # Kept by the app: blinker holds receivers weakly.
+        app.extensions["test_disconnect_log"] = _log_disconnects(app, disconnect_log)
     return app
+
+
+def _log_disconnects(app: Flask, path: str) -> t.Callable[..., None]:
+    """A ``client_disconnected`` receiver that appends a line per ended
+    stream to ``path``: ``<reason> <channels>``."""
+
+    def receiver(sender: Flask, **kwargs: t.Any) -> None:
+        with open(path, "a") as f:
+            f.write(f"{kwargs['reason']} {','.join(kwargs['channels'])}\n")
+
+    client_disconnected.connect(receiver, app)
+    return receiver
 
 
 class _WrapBody:
