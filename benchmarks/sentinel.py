@@ -14,12 +14,14 @@ process by the PID started here.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 import typing as t
 from collections.abc import Callable
 
 from benchmarks.processes import RedisProcess
+from benchmarks.processes import TLSFiles
 from benchmarks.sseclient import HOST
 
 __all__ = [
@@ -54,14 +56,23 @@ class SentinelProcess(RedisProcess):
         quorum: int,
         password: str | None = None,
         binary: str | None = None,
+        tls: TLSFiles | None = None,
     ) -> None:
-        super().__init__(password=password, binary=binary)
+        super().__init__(password=password, binary=binary, tls=tls)
         self.conf_path = os.path.join(self.dir, "sentinel.conf")
+        if tls is None:
+            ports = f"port {self.port}\n"
+        else:
+            # TLS only, to clients and to the nodes it watches.
+            ports = (
+                f"port 0\ntls-port {self.port}\ntls-cert-file {tls.cert}\n"
+                f"tls-key-file {tls.key}\ntls-ca-cert-file {tls.ca}\n"
+                "tls-auth-clients no\ntls-replication yes\n"
+            )
         # Sentinel rewrites its configuration file as it learns the topology.
         with open(self.conf_path, "w", encoding="ascii") as f:
             f.write(
-                f"port {self.port}\n"
-                f"bind {HOST}\n"
+                ports + f"bind {HOST}\n"
                 f"dir {self.dir}\n"
                 f"logfile {self.log_path}\n"
                 "daemonize no\n"
@@ -82,12 +93,14 @@ class SentinelProcess(RedisProcess):
         """A command's reply, or None if this Sentinel does not answer."""
         import redis
 
+        tls = {} if self.tls is None else {"ssl": True, "ssl_ca_certs": self.tls.ca}
         client = redis.Redis(
             HOST,
             self.port,
             password=self.password,
             socket_timeout=1,
             decode_responses=True,
+            **tls,  # type: ignore[arg-type]
         )
         try:
             return client.execute_command(*command)
@@ -139,11 +152,28 @@ class SentinelSetup:
         auth = f":{password}@" if password else ""
         return f"redis+sentinel://{auth}{hosts}/0/{SERVICE}"
 
+    @property
+    def options(self) -> dict[str, t.Any]:
+        """``EVENTSTREAM_REDIS_OPTIONS`` that reach it (TLS to the nodes and
+        to the Sentinels, trusting their CA), or none."""
+        tls = self.sentinels[0].tls
+        if tls is None:
+            return {}
+        trust = {"ssl": True, "ssl_ca_certs": tls.ca}
+        return {**trust, "sentinel_kwargs": dict(trust)}
+
     def config(self) -> dict[str, t.Any]:
-        return {"EVENTSTREAM_REDIS_URL": self.url}
+        options = self.options
+        return {
+            "EVENTSTREAM_REDIS_URL": self.url,
+            **({"EVENTSTREAM_REDIS_OPTIONS": options} if options else {}),
+        }
 
     def env(self) -> dict[str, str]:
-        return {"EVENTSTREAM_REDIS_URL": self.url}
+        return {
+            k: v if isinstance(v, str) else json.dumps(v)
+            for k, v in self.config().items()
+        }
 
     # -- the topology --
 
@@ -266,19 +296,26 @@ class SentinelSetup:
         replicas: int = 1,
         started: Callable[[RedisProcess], object] = lambda server: None,
         password: str | None = None,
+        tls: TLSFiles | None = None,
     ) -> SentinelSetup:
         """Start a master, ``replicas`` replicas and three Sentinels, and
         wait until the replicas are in sync and every Sentinel knows the
         others. ``binary`` is ``redis-server`` (from ``PATH`` by default);
         ``started`` is called with each process before it starts. With
-        ``password``, every node and Sentinel requires it."""
-        master = RedisProcess(extra=NODE_OPTIONS, password=password, binary=binary)
+        ``password``, every node and Sentinel requires it; with ``tls``,
+        every one speaks TLS only, replication included."""
+        options = [*NODE_OPTIONS]
+        if tls is not None:
+            options += ["--tls-replication", "yes"]
+        master = RedisProcess(extra=options, password=password, binary=binary, tls=tls)
         nodes = [master]
         for _ in range(replicas):
-            extra = [*NODE_OPTIONS, "--replicaof", HOST, str(master.port)]
-            nodes.append(RedisProcess(extra=extra, password=password, binary=binary))
+            extra = [*options, "--replicaof", HOST, str(master.port)]
+            nodes.append(
+                RedisProcess(extra=extra, password=password, binary=binary, tls=tls)
+            )
         sentinels = [
-            SentinelProcess(master.port, 2, password, binary) for _ in range(3)
+            SentinelProcess(master.port, 2, password, binary, tls) for _ in range(3)
         ]
         setup = cls(nodes, sentinels)
         try:

@@ -30,10 +30,15 @@ StartServer = t.Callable[..., Server]
 WORKERS = 3
 
 
+@pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls"])
 def test_sentinel_failover_loses_and_repeats_nothing(
-    start_server: StartServer, start_sentinel: t.Callable[..., SentinelSetup]
+    start_server: StartServer,
+    start_sentinel: t.Callable[..., SentinelSetup],
+    tls: bool,
 ):
-    setup = start_sentinel(replicas=1)
+    """With ``tls``, the nodes and the Sentinels speak TLS only (replication
+    too), and the app reaches both with ``EVENTSTREAM_REDIS_OPTIONS``."""
+    setup = start_sentinel(replicas=1, tls=tls)
     server = start_server(
         "gunicorn",
         env={

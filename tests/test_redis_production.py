@@ -230,6 +230,30 @@ def test_sentinel_url_with_a_password(start_sentinel, apps):
     assert "the master 'mymaster' of the Sentinels at 127.0.0.1:" in str(info.value)
 
 
+def test_sentinel_over_tls(start_sentinel, apps):
+    """Nodes and Sentinels that speak TLS only: the CA is given for both,
+    the Sentinels' in ``sentinel_kwargs``."""
+    setup = start_sentinel(tls=True)
+    assert "--port" in setup.master.argv()
+    config = setup.config()
+    assert config["EVENTSTREAM_REDIS_OPTIONS"]["sentinel_kwargs"]["ssl"] is True
+    app = apps(config)
+    client = app.test_client()
+    response = client.get("/stream/st", buffered=False)
+    ids = [post(client, "st", i) for i in range(3)]
+    assert [e.id for e in read_events(response, 3)] == ids
+    assert [i for i, _ in stream_entries(setup.master, "st")] == ids
+    # Without TLS to the Sentinels: a clear error, in bounded time.
+    options = config["EVENTSTREAM_REDIS_OPTIONS"]
+    nodes_only = {k: v for k, v in options.items() if k != "sentinel_kwargs"}
+    plain = apps({**config, "EVENTSTREAM_REDIS_OPTIONS": nodes_only})
+    start = time.monotonic()
+    with plain.app_context(), pytest.raises(PublishError) as info:
+        plain.extensions["eventstream"].publish("st", "x")
+    assert time.monotonic() - start < 5
+    assert "the master 'mymaster' of the Sentinels at 127.0.0.1:" in str(info.value)
+
+
 # -- TLS --
 
 

@@ -3,12 +3,14 @@
 
 Fixture:
 
-``start_sentinel(replicas=1, password=None)``
+``start_sentinel(replicas=1, password=None, tls=False)``
     A factory for a :class:`benchmarks.sentinel.SentinelSetup` (the
     benchmarks' own, which ``benchmarks.failover`` runs in a loop): a master,
     ``replicas`` replicas (in sync before it returns) and three Sentinels
     (``redis-server CONF --sentinel``) watching them as service
-    ``mymaster``, with a quorum of 2 and a down-after of 1.5 s. Everything
+    ``mymaster``, with a quorum of 2 and a down-after of 1.5 s; with
+    ``tls``, every node and Sentinel speaks TLS only (the run's own CA,
+    tests/support/tls.py), replication included. Everything
     is killed by PID in teardown, and the logs of every process are added to
     a failed test's report.
 
@@ -45,7 +47,7 @@ pytest_runtest_makereport = report_on_failure(
 def start_sentinel(
     request: pytest.FixtureRequest,
 ) -> Iterator[Callable[..., SentinelSetup]]:
-    """``start_sentinel(replicas=1, password=None)`` -> a running
+    """``start_sentinel(replicas=1, password=None, tls=False)`` -> a running
     :class:`SentinelSetup`."""
     from tests.conftest import require_tool
 
@@ -54,8 +56,11 @@ def start_sentinel(
     processes: list[RedisProcess] = []
     request.node.stash[_SENTINEL] = processes
 
-    def start(replicas: int = 1, password: str | None = None) -> SentinelSetup:
-        setup = SentinelSetup.start(binary, replicas, processes.append, password)
+    def start(
+        replicas: int = 1, password: str | None = None, tls: bool = False
+    ) -> SentinelSetup:
+        files = request.getfixturevalue("tls_files") if tls else None
+        setup = SentinelSetup.start(binary, replicas, processes.append, password, files)
         setups.append(setup)
         return setup
 

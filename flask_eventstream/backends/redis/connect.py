@@ -71,10 +71,18 @@ class Connector:
             )
             checks.append(("", lambda: kind(**options)))
             if sentinel_kwargs is not None:
+                # redis-py gives each Sentinel a client of its own, which
+                # takes "ssl" as the nodes' connections do.
+                to_sentinels = dict(sentinel_kwargs)
+                sentinel_kind = (
+                    redis.SSLConnection
+                    if to_sentinels.pop("ssl", False)
+                    else redis.Connection
+                )
                 checks.append(
                     (
                         "sentinel_kwargs: ",
-                        lambda: t.cast(t.Any, redis.Connection)(**sentinel_kwargs),
+                        lambda: t.cast(t.Any, sentinel_kind)(**to_sentinels),
                     )
                 )
         else:
