@@ -870,9 +870,11 @@ def _end_parked() -> None:
     for parked in list(_parked):
         if parked.stream is not None:
             parked.stream.end("shutdown")
-        releases.append(parked.finish(clean=True))
+        release = parked.finish(clean=True)
+        if release is not None:
+            releases.append(release)
     _parked.clear()
-    done = gevent.joinall([g for g in releases if g is not None], EXIT_RELEASE_TIMEOUT)
+    done = gevent.joinall(releases, EXIT_RELEASE_TIMEOUT)
     if len(done) < len(releases):
         log.warning(
             "%d event stream(s) were not released within %g s of exit.",

@@ -17,6 +17,7 @@ from tests.support.servers import open_clients
 from tests.support.servers import pump
 from tests.support.servers import Server
 from tests.support.servers import SSEClient
+from tests.support.servers import wait_for
 
 pytestmark = pytest.mark.server
 
@@ -128,6 +129,37 @@ def test_a_worker_that_stops_by_itself_ends_its_hub_streams_cleanly(
         assert client.ended, (client.eof, client.error)
     # Released after the last chunk went out, by the exiting worker.
     assert _lines_of(ended, 10) == ["shutdown recycled"]
+
+
+def test_the_exit_waits_a_bounded_time_for_a_release_that_blocks(
+    start_server: StartServer, tmp_path: Path
+) -> None:
+    """A ``client_disconnected`` receiver that never returns holds the
+    exiting worker for ``EXIT_RELEASE_TIMEOUT`` (5 s) only: it says so and
+    exits, and gunicorn starts another."""
+    ended = tmp_path / "disconnected"
+    server = start_server(
+        "gunicorn",
+        env={
+            "EVENTSTREAM_HEARTBEAT": "60",
+            "TEST_DISCONNECT_LOG": str(ended),
+            "TEST_DISCONNECT_BLOCK": "1",
+        },
+        args=["--max-requests", "3"],
+    )
+    [worker] = server.children()
+    with SSEClient(server.port, "/stream/blocked") as client:
+        pump([client], lambda: client.first_body_at is not None, 5)
+        # The stream and these are requests 1 to 3.
+        server.get_json("/healthz")
+        server.get_json("/healthz")
+        assert client.read_to_end(10) == []
+        assert client.ended, (client.eof, client.error)
+    assert _lines_of(ended, 10) == ["shutdown blocked"]
+    wait_for(lambda: worker not in server.children(), 20)
+    assert "1 event stream(s) were not released within 5 s of exit." in (
+        server.stderr()
+    )
 
 
 def _lines_of(path: Path, timeout: float) -> list[str]:

@@ -33,7 +33,8 @@ Extra routes:
 With ``TEST_WRAP_BODY=1`` in the environment, the app is behind a WSGI
 middleware that wraps every response body in an iterator of its own. With
 ``TEST_DISCONNECT_LOG=<path>``, every ended stream appends a line
-``<reason> <channels>`` to that file (from ``client_disconnected``).
+``<reason> <channels>`` to that file (from ``client_disconnected``), and
+with ``TEST_DISCONNECT_BLOCK=1`` as well that receiver then never returns.
 """
 
 from __future__ import annotations
@@ -188,6 +189,9 @@ def _log_disconnects(app: Flask, path: str) -> t.Callable[..., None]:
     def receiver(sender: Flask, **kwargs: t.Any) -> None:
         with open(path, "a") as f:
             f.write(f"{kwargs['reason']} {','.join(kwargs['channels'])}\n")
+        if os.environ.get("TEST_DISCONNECT_BLOCK") == "1":
+            # A receiver that never returns (time.sleep is gevent's here).
+            time.sleep(3600)
 
     client_disconnected.connect(receiver, app)
     return receiver
