@@ -974,18 +974,13 @@ class Parked:
             self._writable.stop()
             self._writable.close()
             self._writable = None
-        self.end_response(clean)
-        return gevent.spawn(self._release)
-
-    def end_response(self, clean: bool) -> None:
-        """Write the last chunk (when ``clean`` and nothing is left
-        half-written) and close the socket."""
         if clean and self.writer.pending is None:
             try:
                 self.raw.send(_LAST_CHUNK)
             except OSError:
                 pass
         self.raw.close()
+        return gevent.spawn(self._release)
 
     def _release(self) -> None:
         stream, self.stream = self.stream, None
